@@ -1,0 +1,235 @@
+# -*- test-case-name: tests.test_commands -*-
+"""
+The master/worker protocol: every AMP command txcluster speaks, on one screen.
+
+Both processes import this module; it holds declarations only.  Internal
+commands and user messages are different commands, so a user message can
+never be mistaken for an internal one.
+
+Worker to master: L{Online}, L{QueryServer}, L{Listening}, L{Close},
+L{Ready}, L{LoadReport}, L{ToMaster}.
+
+Master to worker: L{NewConn}, L{Disconnect}, L{Ping}, L{ToWorker},
+L{WorkerCount}.
+
+See C{docs/protocol.md} for the prose version.
+"""
+
+from twisted.protocols import amp
+
+#: The file descriptor number of the AMP channel in a worker.
+CHANNEL_FD = 3
+
+#: The file descriptor number of the structured log pipe in a worker.
+LOG_FD = 4
+
+#: The most file descriptors one C{sendmsg} may carry on Linux (SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE = 253
+
+# Environment variables a worker is started with.
+ENV_WORKER_ID = "TXCLUSTER_WORKER_ID"
+ENV_WORKER_COUNT = "TXCLUSTER_WORKERS"
+ENV_CHANNEL_FD = "TXCLUSTER_CHANNEL_FD"
+ENV_LOG_FD = "TXCLUSTER_LOG_FD"
+ENV_REACTOR = "TXCLUSTER_REACTOR"
+ENV_MASTER_PID = "TXCLUSTER_MASTER_PID"
+ENV_GRACEFUL_TIMEOUT = "TXCLUSTER_GRACEFUL_TIMEOUT"
+
+
+class DescriptorList(amp.Argument):
+    """
+    Several file descriptors in one argument.
+
+    Each descriptor travels exactly as L{amp.Descriptor} sends one (queued on
+    the L{IUNIXTransport<twisted.internet.interfaces.IUNIXTransport>}, named
+    in the box by its ordinal); the master's channel transport puts all
+    queued descriptors into a single C{sendmsg}.
+    """
+
+    _one = amp.Descriptor()
+
+    def toStringProto(self, inObject, proto):
+        return b",".join(self._one.toStringProto(fd, proto) for fd in inObject)
+
+    def fromStringProto(self, inString, proto):
+        if not inString:
+            return []
+        return [self._one.fromStringProto(part, proto) for part in inString.split(b",")]
+
+
+class BindFailed(Exception):
+    """
+    The master could not bind or listen on the requested address.
+
+    The description is C{"<errno> <message>"} so that the worker can rebuild
+    the operating system error for the application.
+    """
+
+
+class ListenRefused(Exception):
+    """
+    The master refuses to bind this address for a worker (the address is
+    outside C{--allow-listen}, or the request is malformed).
+    """
+
+
+class UnknownListen(Exception):
+    """
+    The listen id named by the worker is not one of its listens.
+    """
+
+
+class MessageTooLarge(Exception):
+    """
+    A user message does not fit in one AMP value (64 KiB once JSON-encoded).
+    """
+
+
+# Worker -> master
+
+
+class Online(amp.Command):
+    """
+    The worker process is up and its channel works; it is about to load the
+    application.
+    """
+
+    arguments = [(b"pid", amp.Integer())]
+    response = []
+
+
+class QueryServer(amp.Command):
+    """
+    The application called C{listen*} in the worker (Node's C{queryServer}).
+
+    The master binds once per key C{(kind, address, port, index)} and answers
+    with the listen id the worker uses from then on.  For C{"rr"} handles the
+    master accepts and sends connections with L{NewConn}; for C{"shared"}
+    handles (and always for UDP) the answer carries the listening socket,
+    which the worker adopts.
+
+    C{kind} is one of C{tcp4}, C{tcp6}, C{unix}, C{udp4}, C{udp6}.
+    """
+
+    arguments = [
+        (b"kind", amp.Unicode()),
+        (b"address", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"index", amp.Integer()),
+        (b"backlog", amp.Integer()),
+        (b"mode", amp.Integer()),
+    ]
+    response = [
+        (b"listenId", amp.Integer()),
+        (b"scheduling", amp.Unicode()),
+        (b"host", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"fd", amp.Descriptor(optional=True)),
+    ]
+    errors = {
+        BindFailed: b"BIND_FAILED",
+        ListenRefused: b"LISTEN_REFUSED",
+    }
+
+
+class Listening(amp.Command):
+    """
+    The worker's port for C{listenId} is up: from now on it takes connections.
+    """
+
+    arguments = [(b"listenId", amp.Integer())]
+    response = []
+    errors = {UnknownListen: b"UNKNOWN_LISTEN"}
+
+
+class Close(amp.Command):
+    """
+    The worker stopped listening on C{listenId}.  Once the answer arrives no
+    new L{NewConn} for it is sent; one already in flight is refused.  When the
+    last worker closes a handle, the master closes its socket.
+    """
+
+    arguments = [(b"listenId", amp.Integer())]
+    response = []
+    errors = {UnknownListen: b"UNKNOWN_LISTEN"}
+
+
+class Ready(amp.Command):
+    """
+    The application has started (C{startService} returned) and every listen
+    it made is established.
+    """
+
+    arguments = []
+    response = []
+
+
+class LoadReport(amp.Command):
+    """
+    The number of connections the worker has open, sent when it changes (at
+    most once per reactor iteration).  Used by C{least-busy} dispatch.
+    """
+
+    arguments = [(b"connections", amp.Integer())]
+    requiresAnswer = False
+
+
+class ToMaster(amp.Command):
+    """
+    A user message from the worker: JSON text.
+    """
+
+    arguments = [(b"message", amp.Unicode())]
+    response = []
+
+
+# Master -> worker
+
+
+class NewConn(amp.Command):
+    """
+    Accepted connections for C{listenId}.  The worker adopts them in order
+    and answers how many it took: C{fds[:accepted]} are the worker's now (the
+    master closes its copies); the rest are refused and go to another worker.
+    """
+
+    arguments = [(b"listenId", amp.Integer()), (b"fds", DescriptorList())]
+    response = [(b"accepted", amp.Integer())]
+
+
+class Disconnect(amp.Command):
+    """
+    Stop listening, let open connections finish (for up to C{timeout}
+    seconds), stop the application and exit.  Answered at once.
+    """
+
+    arguments = [(b"timeout", amp.Float())]
+    response = []
+
+
+class Ping(amp.Command):
+    """
+    Heartbeat.  Answered by the worker's reactor, so a worker whose reactor
+    is blocked does not answer.
+    """
+
+    arguments = []
+    response = []
+
+
+class ToWorker(amp.Command):
+    """
+    A user message from the master: JSON text.
+    """
+
+    arguments = [(b"message", amp.Unicode())]
+    response = []
+
+
+class WorkerCount(amp.Command):
+    """
+    The number of workers the master now runs (after scaling).
+    """
+
+    arguments = [(b"count", amp.Integer())]
+    requiresAnswer = False

@@ -1,0 +1,105 @@
+# -*- test-case-name: tests.test_master -*-
+"""
+The lifecycle events a L{ClusterService} reports to its observers (Node's
+C{fork}, C{online}, C{listening}, C{disconnect}, C{exit}, C{message}, plus
+C{ready}).  Each is a frozen value naming the worker id and pid.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from attrs import frozen
+
+
+@frozen
+class WorkerForked:
+    """
+    A worker process was spawned.
+    """
+
+    workerId: int
+    pid: Optional[int]
+
+
+@frozen
+class WorkerOnline:
+    """
+    The worker process is running and its channel works.
+    """
+
+    workerId: int
+    pid: Optional[int]
+
+
+@frozen
+class WorkerListening:
+    """
+    The worker takes connections on C{address} (C{tcp:127.0.0.1:8080},
+    C{unix:/run/app.sock}, C{udp:0.0.0.0:5353}).
+    """
+
+    workerId: int
+    pid: Optional[int]
+    address: str
+    host: str
+    port: int
+
+
+@frozen
+class WorkerReady:
+    """
+    The worker's application started and all its listens are established.
+    """
+
+    workerId: int
+    pid: Optional[int]
+
+
+@frozen
+class WorkerDisconnected:
+    """
+    The master asked the worker to leave gracefully (C{reason} says why:
+    C{stop}, C{reload}, C{scale}, C{recycle}, C{hung}, ...).
+    """
+
+    workerId: int
+    pid: Optional[int]
+    reason: str
+
+
+@frozen
+class WorkerExited:
+    """
+    The worker process ended, with C{exitCode} or killed by C{signal}.
+
+    @ivar expected: the master had asked it to stop.
+    """
+
+    workerId: int
+    pid: Optional[int]
+    exitCode: Optional[int]
+    signal: Optional[int]
+    expected: bool
+
+
+@frozen
+class WorkerMessage:
+    """
+    The worker sent C{message} (a JSON value) with C{sendToMaster}.
+    """
+
+    workerId: int
+    pid: Optional[int]
+    message: Any
+
+
+ClusterEvent = (
+    WorkerForked,
+    WorkerOnline,
+    WorkerListening,
+    WorkerReady,
+    WorkerDisconnected,
+    WorkerExited,
+    WorkerMessage,
+)

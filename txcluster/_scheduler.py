@@ -1,0 +1,319 @@
+# -*- test-case-name: tests.test_scheduler -*-
+"""
+Who gets the next connection: the pure dispatch logic of one listening handle.
+
+This is Node's C{RoundRobinHandle} (free list, pending queue, C{newconn} /
+C{accepted}) with batching, a window of outstanding handoffs per worker and
+redistribution of everything a dead worker had not taken.  It never touches
+a socket, a reactor or a clock: the master feeds it events and executes the
+actions it returns.  Connections are opaque values (file descriptors in the
+master, plain integers in the tests).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from math import ceil
+from typing import Generic, Hashable, Iterable, TypeVar, Union
+
+from attrs import field, frozen, mutable
+
+Conn = TypeVar("Conn", bound=Hashable)
+
+ROUND_ROBIN = "rr"
+LEAST_BUSY = "least-busy"
+
+
+@frozen(eq=False)
+class Handoff(Generic[Conn]):
+    """
+    Send C{connections} to worker C{worker} in one L{NewConn} and report the
+    answer with L{Dispatcher.answered}.  Compared by identity: it is also the
+    token that names this handoff.
+    """
+
+    worker: Hashable
+    connections: tuple
+
+
+@frozen
+class Release(Generic[Conn]):
+    """
+    The master's copies of C{connections} can be closed: a worker took them
+    (C{taken=True}) or there is nobody left to take them (C{taken=False}).
+    """
+
+    connections: tuple
+    taken: bool
+
+
+Action = Union[Handoff, Release]
+
+
+@mutable
+class _Member:
+    worker: Hashable
+    taking: bool = True
+    outstanding: list = field(factory=list)
+    reported: int = 0
+    acceptedSinceReport: int = 0
+    handed: int = 0
+
+    def inFlight(self) -> int:
+        return sum(len(h.connections) for h in self.outstanding)
+
+    def estimate(self) -> int:
+        return self.reported + self.acceptedSinceReport + self.inFlight()
+
+
+@frozen
+class MemberStatistics:
+    """
+    One worker's view from a handle.
+
+    @ivar handed: connections this worker has taken on this handle.
+    @ivar inFlight: connections sent and not yet answered.
+    @ivar estimate: open connections as last reported plus those taken since.
+    """
+
+    worker: Hashable
+    taking: bool
+    handed: int
+    inFlight: int
+    estimate: int
+
+
+@frozen
+class DispatcherStatistics:
+    """
+    A snapshot of a L{Dispatcher}.
+    """
+
+    policy: str
+    pending: int
+    members: tuple
+
+
+class Dispatcher(Generic[Conn]):
+    """
+    Hands the connections accepted on one handle to the workers listening on
+    it.
+
+    A worker is sent at most C{window} batches before it answers, each of at
+    most C{maxBatch} connections.  With C{policy="rr"} connections go to the
+    workers in turn (each ready worker takes its share of the queue, so one
+    fast answer does not drain the whole queue into one worker); with
+    C{policy="least-busy"} each connection goes to the worker with the fewest
+    open connections (as reported, plus taken since the report, plus in
+    flight).
+
+    Every method returns the list of actions to carry out, in order.
+    """
+
+    def __init__(
+        self, policy: str = ROUND_ROBIN, window: int = 2, maxBatch: int = 253
+    ) -> None:
+        if policy not in (ROUND_ROBIN, LEAST_BUSY):
+            raise ValueError(f"unknown dispatch policy {policy!r}")
+        if window < 1 or maxBatch < 1:
+            raise ValueError("window and maxBatch must be at least 1")
+        self.policy = policy
+        self._window = window
+        self._maxBatch = maxBatch
+        self._members: dict[int, _Member] = {}
+        self._pending: deque = deque()
+        self._next = 0
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """
+        How many accepted connections wait in the master for a worker.
+        """
+        return len(self._pending)
+
+    def inFlight(self) -> int:
+        """
+        How many connections were sent to workers and not answered yet.
+        """
+        return sum(m.inFlight() for m in self._members.values())
+
+    def takers(self) -> list:
+        """
+        The workers in rotation, in join order.
+        """
+        return [m.worker for m in self._members.values() if m.taking]
+
+    def join(self, worker: Hashable) -> list[Action]:
+        """
+        C{worker} takes connections from now on.
+        """
+        member = self._members.get(worker)
+        if member is None:
+            self._members[worker] = _Member(worker)
+        else:
+            member.taking = True
+        return self._dispatch()
+
+    def leave(self, worker: Hashable) -> list[Action]:
+        """
+        C{worker} stopped taking connections but is alive: what it was sent
+        is still answered (most likely refused), so nothing moves yet.
+        """
+        member = self._members.get(worker)
+        if member is not None:
+            member.taking = False
+            self._forgetIfIdle(member)
+        return self._dispatch()
+
+    def lose(self, worker: Hashable) -> list[Action]:
+        """
+        C{worker} is gone: everything sent to it and not answered goes back
+        to the front of the queue, oldest first.
+        """
+        member = self._members.pop(worker, None)
+        if member is None:
+            return []
+        unanswered = [c for h in member.outstanding for c in h.connections]
+        member.outstanding.clear()
+        return self._requeue(unanswered)
+
+    def accepted(self, connections: Iterable[Conn]) -> list[Action]:
+        """
+        The master accepted C{connections}.
+        """
+        if self._closed:
+            return _release(tuple(connections), taken=False)
+        self._pending.extend(connections)
+        return self._dispatch()
+
+    def answered(self, handoff: Handoff, accepted: int) -> list[Action]:
+        """
+        The worker answered C{handoff}: it took the first C{accepted}
+        connections; the others are refused and go to another worker, and a
+        worker that refuses is out of rotation until it joins again.
+        """
+        member = self._members.get(handoff.worker)
+        if member is None or handoff not in member.outstanding:
+            return []
+        member.outstanding.remove(handoff)
+        accepted = max(0, min(accepted, len(handoff.connections)))
+        taken = handoff.connections[:accepted]
+        refused = handoff.connections[accepted:]
+        member.handed += accepted
+        member.acceptedSinceReport += accepted
+        if refused:
+            member.taking = False
+        self._forgetIfIdle(member)
+        actions: list[Action] = _release(taken, taken=True)
+        if refused:
+            actions.extend(self._requeue(list(refused)))
+        else:
+            actions.extend(self._dispatch())
+        return actions
+
+    def reportLoad(self, worker: Hashable, connections: int) -> None:
+        """
+        C{worker} has C{connections} open.
+        """
+        member = self._members.get(worker)
+        if member is not None:
+            member.reported = max(0, connections)
+            member.acceptedSinceReport = 0
+
+    def close(self) -> list[Action]:
+        """
+        The handle is closing: release whatever waits, and whatever comes
+        back refused from now on.
+        """
+        self._closed = True
+        waiting = tuple(self._pending)
+        self._pending.clear()
+        return _release(waiting, taken=False)
+
+    def statistics(self) -> DispatcherStatistics:
+        return DispatcherStatistics(
+            policy=self.policy,
+            pending=len(self._pending),
+            members=tuple(
+                MemberStatistics(
+                    worker=m.worker,
+                    taking=m.taking,
+                    handed=m.handed,
+                    inFlight=m.inFlight(),
+                    estimate=m.estimate(),
+                )
+                for m in self._members.values()
+            ),
+        )
+
+    def _forgetIfIdle(self, member: _Member) -> None:
+        # A member that left keeps its record only while it owes answers.
+        if not member.taking and not member.outstanding and member.worker in self._members:
+            del self._members[member.worker]
+
+    def _requeue(self, connections: list) -> list[Action]:
+        if self._closed:
+            return _release(tuple(connections), taken=False)
+        self._pending.extendleft(reversed(connections))
+        return self._dispatch()
+
+    def _candidates(self) -> list[_Member]:
+        members = list(self._members.values())
+        if not members:
+            return []
+        start = self._next % len(members)
+        rotated = members[start:] + members[:start]
+        return [
+            m for m in rotated if m.taking and len(m.outstanding) < self._window
+        ]
+
+    def _dispatch(self) -> list[Action]:
+        if self._closed or not self._pending:
+            return []
+        candidates = self._candidates()
+        if not candidates:
+            return []
+        if self.policy == LEAST_BUSY:
+            batches = self._leastBusyBatches(candidates)
+        else:
+            batches = self._roundRobinBatches(candidates)
+        actions: list[Action] = []
+        for member, batch in batches:
+            handoff = Handoff(member.worker, tuple(batch))
+            member.outstanding.append(handoff)
+            actions.append(handoff)
+        return actions
+
+    def _roundRobinBatches(self, candidates: list[_Member]) -> list:
+        takers = sum(1 for m in self._members.values() if m.taking)
+        share = min(self._maxBatch, ceil(len(self._pending) / takers))
+        batches = []
+        order = list(self._members)
+        for member in candidates:
+            if not self._pending:
+                break
+            batch = [self._pending.popleft() for _ in range(min(share, len(self._pending)))]
+            batches.append((member, batch))
+            self._next = order.index(member.worker) + 1
+        return batches
+
+    def _leastBusyBatches(self, candidates: list[_Member]) -> list:
+        heap = [(m.estimate(), rank, m) for rank, m in enumerate(candidates)]
+        heapq.heapify(heap)
+        batches: dict[int, list] = {}
+        while self._pending and heap:
+            load, rank, member = heapq.heappop(heap)
+            batch = batches.setdefault(member.worker, [])
+            batch.append(self._pending.popleft())
+            if len(batch) < self._maxBatch:
+                heapq.heappush(heap, (load + 1, rank, member))
+        # Ties go to the next worker in turn.
+        self._next += 1
+        byId = {m.worker: m for m in candidates}
+        return [(byId[worker], batch) for worker, batch in batches.items()]
+
+
+def _release(connections: tuple, taken: bool) -> list[Action]:
+    return [Release(tuple(connections), taken)] if connections else []

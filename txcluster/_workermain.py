@@ -1,0 +1,145 @@
+# -*- test-case-name: tests.test_integration -*-
+"""
+C{python -m txcluster._workermain WORKER_ID APP}: a worker process.
+
+It installs the master's kind of reactor, logs to the master, connects the
+AMP channel, routes listens through the master, then loads and starts the
+application the way C{twistd -y} would, and tells the master it is ready.
+
+Exit codes: 0 after a normal stop, 3 when the application failed to start
+(for example a listen failed), 4 when the application could not be loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+
+from txcluster import _commands
+
+EXIT_START_FAILED = 3
+EXIT_LOAD_FAILED = 4
+
+
+def installReactor(moduleName: str):
+    """
+    Install the reactor C{moduleName} names (what the master runs), or the
+    default one if that module cannot install itself.
+    """
+    if moduleName:
+        try:
+            module = importlib.import_module(moduleName)
+            install = getattr(module, "install", None)
+            if install is not None:
+                install()
+        except Exception as e:
+            print(f"txcluster: cannot install reactor {moduleName}: {e}; using the default", file=sys.stderr)
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def setProcessTitle(title: str) -> None:
+    """
+    Name this process in C{ps} and C{top} (needs C{setproctitle}; on Linux
+    without it, the 15-character command name is set instead).
+    """
+    try:
+        import setproctitle
+    except ImportError:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None)
+            libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except Exception:
+            pass
+    else:
+        setproctitle.setproctitle(title)
+
+
+def main(argv=None, environ=None) -> None:
+    argv = sys.argv if argv is None else argv
+    environ = os.environ if environ is None else environ
+    workerId = int(argv[1])
+    appPath = argv[2]
+    reactor = installReactor(environ.get(_commands.ENV_REACTOR, ""))
+
+    from twisted.application import service
+    from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+
+    from txcluster import _worker
+    from txcluster._intercept import interceptListens
+
+    logFile = os.fdopen(int(environ.get(_commands.ENV_LOG_FD, _commands.LOG_FD)), "w", buffering=1)
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(logFile)], redirectStandardIO=False)
+    log = Logger(namespace="txcluster.worker")
+
+    setProcessTitle(f"txcluster worker {workerId} [{os.path.basename(appPath)}]")
+    masterPid = int(environ.get(_commands.ENV_MASTER_PID, "0")) or None
+    worker = _worker.Worker(
+        reactor,
+        workerId,
+        int(environ.get(_commands.ENV_WORKER_COUNT, "1")),
+        masterPid,
+    )
+    worker.connect(int(environ.get(_commands.ENV_CHANNEL_FD, _commands.CHANNEL_FD)))
+    _worker.setCurrentWorker(worker)
+    interceptListens(reactor, worker)
+    gracefulTimeout = float(environ.get(_commands.ENV_GRACEFUL_TIMEOUT, "30"))
+
+    def onTerm(signum, frame):
+        if masterPid is not None and os.getppid() != masterPid:
+            _worker.exitSoon(_worker.ORPHAN_EXIT_SECONDS)
+            reactor.callFromThread(worker._exit)
+        else:
+            reactor.callFromThread(worker.disconnect, gracefulTimeout)
+
+    def installSignals():
+        # The master owns Ctrl-C: a terminal's SIGINT reaches the whole
+        # process group, and the master then drains the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, onTerm)
+
+    for directory in (os.getcwd(), os.path.dirname(os.path.abspath(appPath))):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+
+    try:
+        application = service.loadApplication(appPath, "python")
+        root = service.IService(application)
+    except BaseException:
+        log.failure(
+            "worker {workerId} (pid {pid}) could not load {app}",
+            workerId=workerId,
+            pid=os.getpid(),
+            app=appPath,
+        )
+        logFile.flush()
+        os._exit(EXIT_LOAD_FAILED)
+
+    try:
+        root.privilegedStartService()
+        root.startService()
+    except BaseException:
+        log.failure(
+            "worker {workerId} (pid {pid}) could not start {app}",
+            workerId=workerId,
+            pid=os.getpid(),
+            app=appPath,
+        )
+        logFile.flush()
+        os._exit(EXIT_START_FAILED)
+
+    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.callWhenRunning(installSignals)
+    reactor.callWhenRunning(worker.ready)
+    reactor.run()
+    logFile.flush()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

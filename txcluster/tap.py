@@ -1,0 +1,196 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd txcluster}: command-line options and the service they make.
+
+Nothing here imports the reactor at module level: twistd imports this
+module while parsing options, before it installs C{--reactor}.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.application import service
+from twisted.python import usage
+
+SCHEDULING_CHOICES = ("rr", "shared", "least-busy")
+
+
+def usableCPUs() -> int:
+    """
+    The CPUs this process may run on (its affinity), at least 1.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _number(kind, minimum, what):
+    def coerce(value):
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be {what}, not {value!r}")
+        if number < minimum or number != number:
+            raise ValueError(f"must be {what}, not {value!r}")
+        return number
+
+    return coerce
+
+
+_positiveInt = _number(int, 1, "a whole number of at least 1")
+_count = _number(int, 0, "a whole number of at least 0")
+_seconds = _number(float, 0, "a number of seconds, 0 or more")
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd txcluster}; see C{docs/operations.md}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the Twisted application in --app in several worker processes. "
+        "The master owns every listening socket the application asks for and "
+        "hands connections to the workers (or shares the socket), keeps the "
+        "workers alive, reloads them on SIGHUP without dropping a connection, "
+        "scales them on SIGTTIN/SIGTTOU and drains them on SIGTERM/SIGINT."
+    )
+
+    optParameters = [
+        ["app", "a", None, "The .tac or .py file that defines `application` (required)."],
+        ["workers", "w", None, "Number of worker processes [default: usable CPUs]."],
+        ["scheduling", "s", "rr", "How connections reach workers: rr, shared or least-busy."],
+        ["graceful-timeout", None, "30", "Seconds a stopping worker may take to finish its connections."],
+        ["start-timeout", None, "30", "Seconds a new worker may take to become ready (0: no limit)."],
+        ["max-restarts", None, "5", "Give up after more worker failures than this within --restart-window."],
+        ["restart-window", None, "60", "The window, in seconds, in which --max-restarts counts failures."],
+        ["worker-timeout", None, "30", "Seconds without a heartbeat before a worker is killed (0: off)."],
+        ["reload-concurrency", None, "1", "How many workers a reload (SIGHUP) replaces at once."],
+        ["max-requests", None, "0", "Recycle a worker after this many connections (0: never)."],
+        ["max-requests-jitter", None, "0", "Add a random 0..N to --max-requests per worker."],
+    ]
+
+    compData = usage.Completions(
+        optActions={
+            "app": usage.CompleteFiles("*.tac *.py"),
+            "scheduling": usage.CompleteList(SCHEDULING_CHOICES),
+        }
+    )
+
+    _coercions = {
+        "workers": _positiveInt,
+        "graceful-timeout": _seconds,
+        "start-timeout": _seconds,
+        "max-restarts": _count,
+        "restart-window": _seconds,
+        "worker-timeout": _seconds,
+        "reload-concurrency": _positiveInt,
+        "max-requests": _count,
+        "max-requests-jitter": _count,
+    }
+
+    def postOptions(self) -> None:
+        if self["workers"] is None:
+            self["workers"] = str(usableCPUs())
+        for name, coerce in self._coercions.items():
+            try:
+                self[name] = coerce(self[name])
+            except ValueError as e:
+                raise usage.UsageError(f"--{name} {e}")
+        if self["scheduling"] not in SCHEDULING_CHOICES:
+            raise usage.UsageError(
+                f"--scheduling must be one of {', '.join(SCHEDULING_CHOICES)}, "
+                f"not {self['scheduling']!r}"
+            )
+        self["app"] = checkApp(self["app"])
+
+
+def checkApp(path) -> str:
+    """
+    The absolute path of a readable application file.
+
+    @raise usage.UsageError: naming C{--app} and what is wrong.
+    """
+    if not path:
+        raise usage.UsageError("--app is required: the .tac or .py file that defines `application`")
+    absolute = os.path.abspath(path)
+    if not os.path.exists(absolute):
+        raise usage.UsageError(f"--app {path!r}: no such file")
+    if not os.path.isfile(absolute):
+        raise usage.UsageError(f"--app {path!r}: not a file")
+    if not os.access(absolute, os.R_OK):
+        raise usage.UsageError(f"--app {path!r}: not readable")
+    return absolute
+
+
+def configFromOptions(options: Options):
+    from txcluster._master import ClusterConfig
+
+    return ClusterConfig(
+        app=options["app"],
+        workers=options["workers"],
+        scheduling=options["scheduling"],
+        gracefulTimeout=options["graceful-timeout"],
+        startTimeout=options["start-timeout"],
+        maxRestarts=options["max-restarts"],
+        restartWindow=options["restart-window"],
+        workerTimeout=options["worker-timeout"],
+        reloadConcurrency=options["reload-concurrency"],
+        maxRequests=options["max-requests"],
+        maxRequestsJitter=options["max-requests-jitter"],
+    )
+
+
+class SignalControl(service.Service):
+    """
+    The master's operator signals: SIGHUP reloads, SIGTTIN adds a worker,
+    SIGTTOU removes one.  (SIGTERM and SIGINT are twistd's: a graceful stop.)
+    """
+
+    def __init__(self, cluster) -> None:
+        self._cluster = cluster
+        self._previous: dict = {}
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        handlers = {
+            signal.SIGHUP: self._cluster.reload,
+            signal.SIGTTIN: lambda: self._cluster.scale(self._cluster.workerCount() + 1),
+            signal.SIGTTOU: lambda: self._cluster.scale(max(1, self._cluster.workerCount() - 1)),
+        }
+        for signum, action in handlers.items():
+            self._previous[signum] = signal.signal(
+                signum, lambda s, f, action=action: reactor.callFromThread(self._run, action)
+            )
+
+    def _run(self, action) -> None:
+        from twisted.logger import Logger
+
+        d = action()
+        d.addErrback(lambda f: Logger(namespace="txcluster.master").warn("{why}", why=f.getErrorMessage()))
+
+    def stopService(self) -> None:
+        super().stopService()
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
+def makeService(options: Options) -> service.IService:
+    """
+    The master: a L{ClusterService} plus its operator signals.
+    """
+    from txcluster._master import ClusterService
+    from txcluster._workermain import setProcessTitle
+
+    setProcessTitle(f"txcluster master [{os.path.basename(options['app'])}]")
+    cluster = ClusterService(configFromOptions(options))
+    top = service.MultiService()
+    cluster.setServiceParent(top)
+    SignalControl(cluster).setServiceParent(top)
+    return top
