@@ -81,11 +81,20 @@ class MasterUnavailable(Exception):
 class WorkerChannel(amp.AMP):
     """
     The worker's end of the AMP channel.
+
+    Boxes are dispatched only after AMP's parser has returned, never from
+    inside it, so that application code run by a command (a message
+    observer, a protocol adopted by L{NewConn}) may make a synchronous
+    listen, which reads the channel itself.  While such a call waits,
+    commands are held and run afterwards in arrival order; answers go
+    through at once.
     """
 
     def __init__(self, worker: "Worker") -> None:
         super().__init__()
         self._worker = worker
+        self._parsing = False
+        self._inbox: deque = deque()
         self._holdDepth = 0
         self._held: deque = deque()
         self._replayScheduled = False
@@ -132,11 +141,30 @@ class WorkerChannel(amp.AMP):
             result.raiseException()
         return result
 
-    def ampBoxReceived(self, box):
-        if (self._holdDepth or self._held) and amp.COMMAND in box:
-            self._held.append(box)
-            return
-        super().ampBoxReceived(box)
+    def dataReceived(self, data: bytes) -> None:
+        self._parsing = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._parsing = False
+        self._dispatch()
+        if self._flushSoon:
+            self._flush()
+
+    def ampBoxReceived(self, box) -> None:
+        # Called by the parser: only queue.
+        self._inbox.append(box)
+        if not self._parsing:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._inbox:
+            box = self._inbox.popleft()
+            if amp.COMMAND in box and (self._holdDepth or self._held):
+                self._held.append(box)
+                self._scheduleReplay()
+            else:
+                amp.AMP.ampBoxReceived(self, box)
 
     def _scheduleReplay(self) -> None:
         if self._held and not self._holdDepth and not self._replayScheduled:
@@ -146,17 +174,9 @@ class WorkerChannel(amp.AMP):
     def _replay(self) -> None:
         self._replayScheduled = False
         while self._held and not self._holdDepth:
-            box = self._held.popleft()
-            super().ampBoxReceived(box)
+            amp.AMP.ampBoxReceived(self, self._held.popleft())
         self._flush()
         self._scheduleReplay()
-
-    # Answer NewConn before the application reads what it was given -------
-
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        if self._flushSoon:
-            self._flush()
 
     def _flush(self) -> None:
         # A connection the worker adopted must not be read before the

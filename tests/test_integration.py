@@ -1,0 +1,165 @@
+"""
+Integration tests: a real master (in this process) with real worker
+processes, real sockets on loopback and real file descriptor passing.
+"""
+
+import os
+import socket
+
+import treq
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import CannotListenError
+from twisted.trial import unittest
+
+from txcluster import WorkerExited, WorkerListening, WorkerMessage
+
+from tests._harness import app, listeningPort, sleep, startCluster, tcp, unix, whoami, workerOf
+
+
+class TCPTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_everyWorkerAnswers(self):
+        """
+        HTTP requests to the one port are answered by every worker, in turn.
+        """
+        cluster, events = await startCluster(self, app("web.tac"), workers=3)
+        port = listeningPort(events)
+        seen = []
+        for _ in range(6):
+            response = await treq.get(f"http://127.0.0.1:{port}/", persistent=False)
+            self.assertEqual(response.code, 200)
+            seen.append(workerOf((await response.text()).strip()))
+        self.assertEqual(sorted(set(seen)), [1, 2, 3])
+        self.assertEqual(sorted(seen[:3]), [1, 2, 3])
+
+    async def test_portZeroShared(self):
+        """
+        Every worker's n-th listen(0) shares one ephemeral port: two such
+        listens in each of three workers make exactly two ports, each
+        served by all three, and getHost() in the workers reports them.
+        """
+        cluster, events = await startCluster(
+            self,
+            app("whoami.tac"),
+            workers=3,
+            env={"WHOAMI_LISTEN": "tcp:0:interface=127.0.0.1 tcp:0:interface=127.0.0.1"},
+        )
+        await events.waitCount(WorkerListening, 6)
+        ports = sorted({e.port for e in events.of(WorkerListening)})
+        self.assertEqual(len(ports), 2)
+        self.assertNotIn(0, ports)
+        for port in ports:
+            seen = {workerOf(await whoami(tcp(port))) for _ in range(6)}
+            self.assertEqual(seen, {1, 2, 3})
+        for workerId in (1, 2, 3):
+            answer = events.wait(lambda e: isinstance(e, WorkerMessage) and "ports" in e.message and e.workerId == workerId)
+            await cluster.sendMessage(workerId, {"cmd": "ports"})
+            message = (await answer).message
+            self.assertEqual(sorted(p[2] for p in message["ports"]), ports)
+            self.assertEqual({p[0] for p in message["ports"]}, {"IPv4Address"})
+
+    async def test_synchronousListen(self):
+        """
+        reactor.listenTCP in a worker returns a port bound by the master:
+        the same port in every worker.
+        """
+        cluster, events = await startCluster(self, app("whoami.tac"), workers=2, env={"WHOAMI_TCP_SYNC": "0"})
+        port = listeningPort(events)
+        seen = {workerOf(await whoami(tcp(port))) for _ in range(4)}
+        self.assertEqual(seen, {1, 2})
+
+
+class OtherTransportTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_unixSocket(self):
+        """
+        A UNIX socket listen is bound once by the master and served by every
+        worker; the socket file goes away when the cluster stops.
+        """
+        path = os.path.abspath(self.mktemp() + ".sock")
+        cluster, events = await startCluster(self, app("whoami.tac"), workers=2, env={"WHOAMI_LISTEN": f"unix:{path}"})
+        await events.waitCount(WorkerListening, 2)
+        self.assertEqual({e.address for e in events.of(WorkerListening)}, {f"unix:{path}"})
+        seen = {workerOf(await whoami(unix(path))) for _ in range(4)}
+        self.assertEqual(seen, {1, 2})
+        await cluster.stopService()
+        self.assertFalse(os.path.exists(path))
+
+    async def test_udpSpreadsOverWorkers(self):
+        """
+        UDP is always shared: the master binds one socket, every worker reads
+        it, and datagrams are answered by more than one worker.
+        """
+        cluster, events = await startCluster(self, app("whoami.tac"), workers=2, env={"WHOAMI_UDP": "127.0.0.1:0"})
+        await events.waitCount(WorkerListening, 2)
+        (port,) = {e.port for e in events.of(WorkerListening)}
+        answers = []
+
+        class Client(protocol.DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                answers.append(workerOf(data.decode()))
+
+        client = reactor.listenUDP(0, Client(), interface="127.0.0.1")
+        self.addCleanup(client.stopListening)
+        for _ in range(200):
+            if len(set(answers)) == 2:
+                break
+            for _ in range(10):
+                client.transport.write(b"?", ("127.0.0.1", port)) if hasattr(client, "transport") else client.write(b"?", ("127.0.0.1", port))
+            await sleep(0.02)
+        self.assertEqual(set(answers), {1, 2})
+
+    async def test_ssl(self):
+        """
+        An ssl: endpoint works: the master hands over raw TCP connections and
+        each worker does the TLS itself.
+        """
+        from tests._tls import clientOptions, writeCertificate
+
+        keyPath, certPath = writeCertificate(self.mktemp())
+        cluster, events = await startCluster(
+            self,
+            app("whoami.tac"),
+            workers=2,
+            env={"WHOAMI_LISTEN": f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}"},
+        )
+        port = listeningPort(events)
+        from twisted.internet.endpoints import wrapClientTLS
+
+        seen = set()
+        for _ in range(4):
+            line = await whoami(wrapClientTLS(clientOptions(certPath), tcp(port)))
+            seen.add(workerOf(line))
+        self.assertEqual(seen, {1, 2})
+
+
+class BindErrorTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_addressInUseReachesTheApp(self):
+        """
+        EADDRINUSE in the master reaches the application as a
+        CannotListenError through the endpoint's Deferred, naming the
+        address and the OS error; once the port is free, a later listen on
+        the same key succeeds.
+        """
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        busy = holder.getsockname()[1]
+        self.addCleanup(holder.close)
+        cluster, events = await startCluster(self, app("whoami.tac"), workers=1)
+        error = events.wait(lambda e: isinstance(e, WorkerMessage) and "error" in e.message)
+        await cluster.sendMessage(1, {"cmd": "listen", "endpoint": f"tcp:{busy}:interface=127.0.0.1"})
+        message = (await error).message
+        self.assertIn(f"127.0.0.1:{busy}", message["error"])
+        self.assertIn("Address already in use", message["error"])
+        self.assertEqual(message["errno"], 98)
+        holder.close()
+        listened = events.wait(lambda e: isinstance(e, WorkerMessage) and "listened" in e.message)
+        await cluster.sendMessage(1, {"cmd": "listen", "endpoint": f"tcp:{busy}:interface=127.0.0.1"})
+        self.assertEqual((await listened).message["listened"], busy)
+        self.assertEqual(workerOf(await whoami(tcp(busy))), 1)
