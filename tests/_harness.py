@@ -229,7 +229,7 @@ class _MasterOutput(protocol.ProcessProtocol):
         for pattern, count, d in self._waiters:
             d.errback(AssertionError(f"the master ended before {pattern!r} appeared:\n{self.text()}"))
         self._waiters = []
-        self.ended.callback(reason)
+        self.ended.callback(reason.value)
 
 
 class MasterProcess:

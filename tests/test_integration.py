@@ -4,6 +4,7 @@ processes, real sockets on loopback and real file descriptor passing.
 """
 
 import os
+import signal
 import socket
 
 import treq
@@ -163,3 +164,62 @@ class BindErrorTests(unittest.TestCase):
         await cluster.sendMessage(1, {"cmd": "listen", "endpoint": f"tcp:{busy}:interface=127.0.0.1"})
         self.assertEqual((await listened).message["listened"], busy)
         self.assertEqual(workerOf(await whoami(tcp(busy))), 1)
+
+
+class NoLossTests(unittest.TestCase):
+    timeout = 90
+
+    async def test_killedWorkerLosesNothing(self):
+        """
+        Connections queued in the master for a worker, and connections
+        handed to it that it had not answered for, all go to the other
+        worker when it is killed: every connection is answered.
+        """
+        cluster, events = await startCluster(
+            self, app("whoami.tac"), workers=2, env={"WHOAMI_LISTEN": "tcp:0:interface=127.0.0.1"}, workerTimeout=0
+        )
+        port = listeningPort(events)
+        victim = {w.workerId: w.pid for w in cluster.statistics().workers}[1]
+        # Block worker 1's reactor: it cannot answer NewConn any more.
+        cluster.sendMessage(1, {"cmd": "freeze", "seconds": 30}).addErrback(lambda f: None)
+        await sleep(0.2)
+        lines = [defer.ensureDeferred(whoami(tcp(port), timeout=30)) for _ in range(20)]
+        await sleep(0.5)
+        stats = cluster.statistics()
+        (listener,) = stats.listeners
+        stranded = listener.dispatch.pending + sum(
+            m.inFlight for m in listener.dispatch.members if m.worker.workerId == 1
+        )
+        self.assertGreater(stranded, 0, "no connection was waiting on the frozen worker")
+        os.kill(victim, signal.SIGKILL)
+        answers = await defer.gatherResults(lines)
+        self.assertEqual(len(answers), 20)
+        self.assertNotIn(str(victim), " ".join(answers))
+        exited = await events.wait(lambda e: isinstance(e, WorkerExited) and e.pid == victim, past=True)
+        self.assertEqual(exited.signal, signal.SIGKILL)
+        self.assertEqual(cluster.statistics().dropped, 0)
+
+
+class StopTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_gracefulStopFinishesSlowRequest(self):
+        """
+        Stopping the master lets a request already in flight finish; the
+        stop completes once the workers have exited, and the port is closed.
+        """
+        cluster, events = await startCluster(self, app("web.tac"), workers=2)
+        port = listeningPort(events)
+        slow = treq.get(f"http://127.0.0.1:{port}/slow?seconds=1.5", persistent=False)
+        await sleep(0.3)
+        stopping = cluster.stopService()
+        response = await slow
+        self.assertEqual(response.code, 200)
+        self.assertTrue((await response.text()).startswith("worker "))
+        await stopping
+        self.assertEqual(cluster.statistics().workers, ())
+        self.assertEqual(
+            {e.exitCode for e in events.of(WorkerExited)}, {0}, "every worker exited by itself, with 0"
+        )
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 from twisted.internet import error, main
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.unix import Server as UNIXServer
-from twisted.logger import Logger, LogLevel, eventFromJSON
+from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent
 from twisted.python.failure import Failure
 
 import txcluster
@@ -254,17 +254,16 @@ class WorkerOutput(ProcessProtocol):
             event["workerLogSystem"] = original
         event["workerId"] = self.workerId
         event["pid"] = self.pid
+        traceback = event.get("workerTraceback")
+        if traceback:
+            event["log_format"] = (event.get("log_format") or "") + "\n{workerTraceback}"
+            flattened = event.get("log_flattened")
+            if isinstance(flattened, dict):
+                flattened["workerTraceback!:"] = traceback
+                flattened["workerTraceback!s:"] = traceback
         level = event.get("log_level")
         if level is not None and level >= LogLevel.error:
-            from twisted.logger import formatEvent
-
             text = formatEvent(event)
-            failure = event.get("log_failure")
-            if failure is not None:
-                try:
-                    text += "\n" + failure.getTraceback()
-                except Exception:
-                    pass
             self.stderrTail.extend(text.splitlines()[-self.stderrTail.maxlen :])
         self._publisher(event)
 

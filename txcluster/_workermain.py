@@ -60,6 +60,27 @@ def setProcessTitle(title: str) -> None:
         setproctitle.setproctitle(title)
 
 
+def relayable(observer):
+    """
+    Wrap a JSON log observer so that a failure's traceback survives the
+    trip to the master as text (JSON keeps a failure's frames but not its
+    exception value).
+    """
+
+    def relay(event):
+        failure = event.get("log_failure")
+        if failure is not None:
+            event = dict(event)
+            try:
+                event["workerTraceback"] = failure.getTraceback()
+            except Exception:
+                event["workerTraceback"] = repr(failure)
+            del event["log_failure"]
+        observer(event)
+
+    return relay
+
+
 def main(argv=None, environ=None) -> None:
     argv = sys.argv if argv is None else argv
     environ = os.environ if environ is None else environ
@@ -74,7 +95,7 @@ def main(argv=None, environ=None) -> None:
     from txcluster._intercept import interceptListens
 
     logFile = os.fdopen(int(environ.get(_commands.ENV_LOG_FD, _commands.LOG_FD)), "w", buffering=1)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(logFile)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([relayable(jsonFileLogObserver(logFile))], redirectStandardIO=False)
     log = Logger(namespace="txcluster.worker")
 
     setProcessTitle(f"txcluster worker {workerId} [{os.path.basename(appPath)}]")

@@ -147,26 +147,52 @@ def configFromOptions(options: Options):
 class SignalControl(service.Service):
     """
     The master's operator signals: SIGHUP reloads, SIGTTIN adds a worker,
-    SIGTTOU removes one.  (SIGTERM and SIGINT are twistd's: a graceful stop.)
+    SIGTTOU removes one, and SIGTERM and SIGINT stop gracefully.
+
+    twistd would make the process die by the stop signal once the reactor
+    stops; a graceful stop of the cluster is a normal exit, so the master
+    exits 0 instead (non-zero only when it gave up).
     """
 
     def __init__(self, cluster) -> None:
         self._cluster = cluster
         self._previous: dict = {}
+        self._stopRequested = False
 
     def startService(self) -> None:
         super().startService()
         from twisted.internet import reactor
 
+        reactor.callWhenRunning(self._install, reactor)
+
+    def _install(self, reactor) -> None:
+        if not self.running:
+            return
         handlers = {
             signal.SIGHUP: self._cluster.reload,
             signal.SIGTTIN: lambda: self._cluster.scale(self._cluster.workerCount() + 1),
             signal.SIGTTOU: lambda: self._cluster.scale(max(1, self._cluster.workerCount() - 1)),
+            signal.SIGTERM: lambda: self._stop(reactor, "SIGTERM"),
+            signal.SIGINT: lambda: self._stop(reactor, "SIGINT"),
         }
         for signum, action in handlers.items():
             self._previous[signum] = signal.signal(
                 signum, lambda s, f, action=action: reactor.callFromThread(self._run, action)
             )
+
+    def _stop(self, reactor, name):
+        from twisted.internet import defer
+        from twisted.logger import Logger
+
+        log = Logger(namespace="txcluster.master")
+        if self._stopRequested:
+            log.info("{signal}: already stopping; waiting for the workers to finish", signal=name)
+        else:
+            self._stopRequested = True
+            log.info("{signal}: stopping gracefully", signal=name)
+            if reactor.running:
+                reactor.stop()
+        return defer.succeed(None)
 
     def _run(self, action) -> None:
         from twisted.logger import Logger
@@ -177,7 +203,8 @@ class SignalControl(service.Service):
     def stopService(self) -> None:
         super().stopService()
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            if signum not in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, previous)
         self._previous.clear()
 
 
