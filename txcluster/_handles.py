@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 from attrs import field, frozen, mutable
 from twisted.internet import defer
@@ -54,6 +54,8 @@ class Handle:
     reader: Optional[AcceptReader] = None
     reading: bool = False
     accepted: int = 0
+    #: While accepting is paused for lack of descriptors: the call that resumes it.
+    resourcePause: Any = None
 
     def describe(self) -> str:
         if self.key.kind == "unix":
@@ -341,6 +343,8 @@ class HandleTable:
     def _regulate(self, handle: Handle) -> None:
         if handle.dispatcher is None or handle.sock is None or not self._accepting:
             return
+        if handle.resourcePause is not None:
+            return
         pending = handle.dispatcher.pending
         if handle.reading and pending >= self._maxPending:
             _log.warn(
@@ -360,12 +364,14 @@ class HandleTable:
             seconds=self._resourcePause,
         )
         self._stopReading(handle)
+        if handle.resourcePause is not None:
+            return
 
         def resume():
-            if handle.sock is not None and self._accepting:
-                self._regulate(handle)
+            handle.resourcePause = None
+            self._regulate(handle)
 
-        self._reactor.callLater(self._resourcePause, resume)
+        handle.resourcePause = self._reactor.callLater(self._resourcePause, resume)
 
     def _startReading(self, handle: Handle) -> None:
         if not handle.reading and handle.reader is not None:
@@ -381,6 +387,9 @@ class HandleTable:
         if handle.sock is None:
             return
         self._stopReading(handle)
+        if handle.resourcePause is not None:
+            handle.resourcePause.cancel()
+            handle.resourcePause = None
         handle.sock.close()
         handle.sock = None
         if handle.key.kind == "unix":
