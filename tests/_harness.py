@@ -283,7 +283,7 @@ class MasterProcess:
         return {int(w): int(p) for w, p in re.findall(r"worker (\d+) \(pid (\d+)\) forked", self.output.text())}
 
     def signal(self, name: str) -> None:
-        self.transport.signalProcess(name)
+        self.transport.signalProcess(name if name in ("KILL", "TERM", "INT") else getattr(signal, "SIG" + name))
 
     async def cleanUp(self) -> None:
         if self.transport.pid is not None:
@@ -321,3 +321,80 @@ def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class LoadGenerator:
+    """
+    Bounded HTTP load on loopback: C{concurrency} loops, each sending GETs
+    on a new connection (C{Connection: close}) one after the other, until
+    stopped.  Every request's outcome is recorded.
+
+    @ivar failures: C{(time, reason)} of every failed request.
+    @ivar answeredBy: how many requests each "worker <id> <pid>" answered.
+    """
+
+    def __init__(self, port: int, concurrency: int = 4, path: str = "/", maxRequests: int = 20_000) -> None:
+        self.url = f"http://127.0.0.1:{port}{path}"
+        self.concurrency = concurrency
+        self.maxRequests = maxRequests
+        self.succeeded = 0
+        self.failures: list = []
+        self.answeredBy: dict = {}
+        self._running = False
+        self._loops: list = []
+
+    def start(self) -> "LoadGenerator":
+        self._running = True
+        self._loops = [defer.ensureDeferred(self._loop()) for _ in range(self.concurrency)]
+        return self
+
+    async def _loop(self) -> None:
+        import treq
+
+        while self._running and self.succeeded + len(self.failures) < self.maxRequests:
+            try:
+                response = await treq.get(self.url, persistent=False, timeout=15)
+                body = await response.text()
+                if response.code != 200:
+                    raise RuntimeError(f"HTTP {response.code}")
+            except Exception as e:
+                self.failures.append((time.monotonic(), repr(e)))
+                await sleep(0.01)
+            else:
+                self.succeeded += 1
+                who = body.strip()
+                self.answeredBy[who] = self.answeredBy.get(who, 0) + 1
+
+    async def stop(self) -> None:
+        self._running = False
+        await defer.gatherResults(self._loops)
+
+    def pids(self) -> set:
+        return {int(who.split()[2]) for who in self.answeredBy}
+
+    def summary(self) -> str:
+        return f"{self.succeeded} succeeded, {len(self.failures)} failed: {self.failures[:5]}"
+
+
+class LogCapture:
+    """
+    Every log event emitted while a test runs, formatted (worker events
+    relayed by the master included).
+    """
+
+    def __init__(self, testCase) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.lines: list = []
+        self.events: list = []
+        globalLogPublisher.addObserver(self)
+        testCase.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event) -> None:
+        from twisted.logger import formatEvent
+
+        self.events.append(event)
+        self.lines.append(f"[{event.get('log_system', '-')}] {formatEvent(event)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines)

@@ -12,6 +12,7 @@ Exit codes: 0 after a normal stop, 3 when the application failed to start
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
 import signal
@@ -98,6 +99,9 @@ def main(argv=None, environ=None) -> None:
     globalLogBeginner.beginLoggingTo([relayable(jsonFileLogObserver(logFile))], redirectStandardIO=False)
     log = Logger(namespace="txcluster.worker")
 
+    # The master sends SIGUSR1 to a worker whose reactor stopped answering:
+    # the stack goes to stderr, which the master logs, before the kill.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     setProcessTitle(f"txcluster worker {workerId} [{os.path.basename(appPath)}]")
     masterPid = int(environ.get(_commands.ENV_MASTER_PID, "0")) or None
     worker = _worker.Worker(
