@@ -798,7 +798,7 @@ class ClusterService(service.Service):
             )
             self._kill(process)
 
-    def _kill(self, process: _Process, signal: str = "KILL") -> None:
+    def _kill(self, process: _Process, signal: Union[str, int] = "KILL") -> None:
         try:
             process.transport.signalProcess(signal)
         except (ProcessExitedAlready, OSError, AttributeError):
@@ -1005,7 +1005,9 @@ class ClusterService(service.Service):
         process.failedHow = f"stopped answering heartbeats (blocked for {silent:.1f} s)"
         if self._table is not None:
             self._table.leaveAll(process)
-        self._kill(process, "USR1")
+        # A number: Twisted's signalProcess only knows HUP, STOP, INT, KILL
+        # and TERM by name and hands anything else to os.kill as it is.
+        self._kill(process, signalModule.SIGUSR1)
         process.killTimer = self.reactor.callLater(STACK_DUMP_GRACE, self._kill, process)
 
     # Worker requests ---------------------------------------------------------
