@@ -101,17 +101,17 @@ class ClusterConfig:
     app: str
     workers: int = field(default=1, validator=validators.ge(1))
     scheduling: str = field(default="rr", validator=validators.in_(SCHEDULING))
-    gracefulTimeout: float = field(default=30.0, validator=_positive)
-    startTimeout: float = field(default=30.0, validator=_positive)
+    gracefulTimeout: float = field(default=30.0, converter=float, validator=_positive)
+    startTimeout: float = field(default=30.0, converter=float, validator=_positive)
     maxRestarts: int = field(default=5, validator=_positive)
-    restartWindow: float = field(default=60.0, validator=_positive)
-    workerTimeout: float = field(default=30.0, validator=_positive)
+    restartWindow: float = field(default=60.0, converter=float, validator=_positive)
+    workerTimeout: float = field(default=30.0, converter=float, validator=_positive)
     reloadConcurrency: int = field(default=1, validator=validators.ge(1))
     maxRequests: int = field(default=0, validator=_positive)
     maxRequestsJitter: int = field(default=0, validator=_positive)
-    minRestartDelay: float = field(default=0.5, validator=_positive)
-    maxRestartDelay: float = field(default=30.0, validator=_positive)
-    stableAfter: float = field(default=10.0, validator=_positive)
+    minRestartDelay: float = field(default=0.5, converter=float, validator=_positive)
+    maxRestartDelay: float = field(default=30.0, converter=float, validator=_positive)
+    stableAfter: float = field(default=10.0, converter=float, validator=_positive)
     env: Optional[dict] = None
 
 
