@@ -669,9 +669,12 @@ class ClusterService(service.Service):
             del self._slots[slot.workerId]
             return defer.succeed(None)
         if isinstance(state, _Replacing):
+            _cancel(state.deadline)
             self._drain(state.new, "scale")
             process = state.old
         else:
+            if isinstance(state, _Starting):
+                _cancel(state.deadline)
             process = state.process
         slot.state = _Retiring(process)
         for d in slot.readyWaiters:
@@ -805,6 +808,9 @@ class ClusterService(service.Service):
             pass
 
     def _bootTimedOut(self, process: _Process) -> None:
+        if process.state == "dead" or process.expectedExit:
+            # Asked to leave before it was ready: the graceful timeout rules.
+            return
         _log.error(
             "worker {workerId} (pid {pid}) was not ready within {timeout} s: killing it",
             workerId=process.workerId,
