@@ -681,6 +681,10 @@ class ClusterService(service.Service):
             d.errback(ClusterStopped(f"worker {slot.workerId} was scaled away"))
         slot.readyWaiters = []
         self._drain(process, "scale")
+        if isinstance(state, _Replacing):
+            # Nothing is left to replace: the reload or recycle waiting
+            # for this slot is done with it.
+            state.done.callback(None)
         return _chain(process.exited)
 
     def _broadcastCount(self) -> None:
