@@ -879,7 +879,7 @@ class ClusterService(service.Service):
             )
         self._emit(_events.WorkerExited(process.workerId, process.pid, exitCode, signal, process.expectedExit))
         process.exited.callback((exitCode, signal))
-        self._slotProcessEnded(process, process.failedHow or how, exitCode, signal)
+        self._slotProcessEnded(process, process.failedHow or _failedHow(exitCode, signal), exitCode, signal)
 
     def _slotProcessEnded(self, process: _Process, how: str, exitCode, signal) -> None:
         slot = self._slots.get(process.workerId)
@@ -1156,6 +1156,16 @@ def _describeExit(exitCode, signal) -> str:
             name = str(signal)
         return f"killed by {name}"
     return f"exit code {exitCode}"
+
+
+def _failedHow(exitCode, signal) -> str:
+    """
+    How a process ended, worded to follow "which" or a worker's name as
+    the other failure descriptions are ("was not ready within 5.0 s").
+    """
+    if signal is not None:
+        return f"was {_describeExit(exitCode, signal)}"
+    return f"exited with code {exitCode}"
 
 
 def _cancel(call) -> None:
