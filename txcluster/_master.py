@@ -612,7 +612,9 @@ class ClusterService(service.Service):
             for workerId in retiring:
                 waits.append(self._retire(self._slots[workerId]))
         self._broadcastCount()
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+        return defer.gatherResults(waits, consumeErrors=True).addCallbacks(
+            lambda _: None, _firstFailure
+        )
 
     # Slots -------------------------------------------------------------------
 
@@ -1166,6 +1168,16 @@ def _failedHow(exitCode, signal) -> str:
     if signal is not None:
         return f"was {_describeExit(exitCode, signal)}"
     return f"exited with code {exitCode}"
+
+
+def _firstFailure(failure: Failure) -> Failure:
+    """
+    The failure inside a L{defer.FirstError}, so that callers see the
+    documented exception (L{ClusterStopped}) rather than the wrapper.
+    """
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure
+    return failure
 
 
 def _cancel(call) -> None:
