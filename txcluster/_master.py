@@ -286,7 +286,14 @@ class MasterChannel(amp.AMP):
             except OSError:
                 pass
         self._descriptors.clear()
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        outstanding = reason
+        if not reason.check(error.ConnectionClosed):
+            # The reactor dropped the channel because what the worker sent
+            # broke the parser.  For the commands it had not answered this
+            # is the channel closing: the handle table gives their
+            # connections to other workers instead of counting them taken.
+            outstanding = Failure(ConnectionLost(f"the channel broke: {reason.getErrorMessage()}"))
+        amp.BinaryBoxProtocol.connectionLost(self, outstanding)
         self.transport = None
         self._cluster._channelLost(self.process, reason)
 
