@@ -1065,9 +1065,14 @@ class ClusterService(service.Service):
         }
 
     def _listening(self, process: _Process, listenId: int) -> None:
-        handle = self._table.listening(process, listenId)
-        if handle is None:
+        handle = self._table.get(listenId)
+        if handle is None or process not in handle.members:
             raise UnknownListen(f"listen {listenId} is not one of this worker's")
+        if not process.expectedExit and process.failedHow is None:
+            # A worker that was told to leave (or is about to be killed)
+            # may still report a listen that crossed the Disconnect: it
+            # stays out of rotation.
+            self._table.listening(process, listenId)
         _log.info(
             "worker {workerId} (pid {pid}) listening on {address}",
             workerId=process.workerId,
