@@ -801,7 +801,20 @@ class ClusterService(service.Service):
         self._emit(_events.WorkerDisconnected(process.workerId, process.pid, reason))
         if process.channel.transport is not None:
             process.channel.callRemote(Disconnect, timeout=timeout).addErrback(lambda f: None)
-        process.killTimer = self.reactor.callLater(timeout, self._killLate, process)
+        self._killAfter(process, timeout, self._killLate)
+
+    def _killAfter(self, process: _Process, delay: float, kill: Callable[[_Process], None]) -> None:
+        """
+        Call C{kill(process)} after C{delay} seconds, unless a kill is due
+        sooner.  A process has one kill timer, so that the one its exit
+        cancels is the only one there is.
+        """
+        current = process.killTimer
+        if current is not None and current.active():
+            if current.getTime() <= self._now() + delay:
+                return
+            current.cancel()
+        process.killTimer = self.reactor.callLater(delay, kill, process)
 
     def _killLate(self, process: _Process) -> None:
         if process.state != "dead":
@@ -843,8 +856,8 @@ class ClusterService(service.Service):
                 pid=process.pid,
                 why=reason.getErrorMessage(),
             )
-        if process.state != "dead" and process.killTimer is None:
-            process.killTimer = self.reactor.callLater(CHANNEL_LOST_GRACE, self._kill, process)
+        if process.state != "dead":
+            self._killAfter(process, CHANNEL_LOST_GRACE, self._kill)
 
     def _misbehaved(self, process: Optional[_Process], what: str) -> None:
         if process is None:
@@ -1027,7 +1040,7 @@ class ClusterService(service.Service):
         # A number: Twisted's signalProcess only knows HUP, STOP, INT, KILL
         # and TERM by name and hands anything else to os.kill as it is.
         self._kill(process, signalModule.SIGUSR1)
-        process.killTimer = self.reactor.callLater(STACK_DUMP_GRACE, self._kill, process)
+        self._killAfter(process, STACK_DUMP_GRACE, self._kill)
 
     # Worker requests ---------------------------------------------------------
 
