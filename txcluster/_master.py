@@ -629,8 +629,8 @@ class ClusterService(service.Service):
         slot = self._slots.get(workerId)
         if slot is None:
             slot = self._slots[workerId] = _Slot(workerId)
-        process = self._spawn(workerId)
-        slot.state = _Starting(process, self._bootDeadline(process))
+        # A spawn that fails is retried later, as a respawn's is.
+        self._startSlotProcess(slot)
         return slot
 
     def _bootDeadline(self, process: _Process):
