@@ -1152,7 +1152,9 @@ class ClusterService(service.Service):
             handed=process.handed,
             limit=process.requestLimit,
         )
-        self._replace(slot, "recycle").addErrback(
+        # maybeDeferred: a spawn that raises must not fail the handoff
+        # whose answer got us here (the connections were taken).
+        defer.maybeDeferred(self._replace, slot, "recycle").addErrback(
             lambda f: _log.error("recycling worker {workerId} failed: {why}", workerId=slot.workerId, why=f.getErrorMessage())
         )
 
