@@ -772,6 +772,13 @@ class ClusterService(service.Service):
             state.done.callback(None)
         else:
             return
+        if self._table is not None and all(
+            isinstance(s.state, (_Running, _Retiring)) for s in self._slots.values()
+        ):
+            # Every worker is ready and has made its listens: a socket kept
+            # open for the replacement of a dead worker that nobody took
+            # up again would accept connections no one will serve.
+            self._table.closeOrphans()
         waiters, slot.readyWaiters = slot.readyWaiters, []
         for d in waiters:
             d.callback(None)
