@@ -172,9 +172,10 @@ class Dispatcher(Generic[Conn]):
         C{worker} is gone: everything sent to it and not answered goes back
         to the front of the queue, oldest first.
         """
-        member = self._members.pop(worker, None)
+        member = self._members.get(worker)
         if member is None:
             return []
+        self._remove(worker)
         unanswered = [c for h in member.outstanding for c in h.connections]
         member.outstanding.clear()
         return self._requeue(unanswered)
@@ -251,7 +252,14 @@ class Dispatcher(Generic[Conn]):
     def _forgetIfIdle(self, member: _Member) -> None:
         # A member that left keeps its record only while it owes answers.
         if not member.taking and not member.outstanding and member.worker in self._members:
-            del self._members[member.worker]
+            self._remove(member.worker)
+
+    def _remove(self, worker: Hashable) -> None:
+        # The turn is an index into the members in join order: removing one
+        # before it must not make the rotation skip the worker whose turn it is.
+        if list(self._members).index(worker) < self._next:
+            self._next -= 1
+        del self._members[worker]
 
     def _requeue(self, connections: list) -> list[Action]:
         if self._closed:
@@ -302,15 +310,15 @@ class Dispatcher(Generic[Conn]):
     def _leastBusyBatches(self, candidates: list[_Member]) -> list:
         heap = [(m.estimate(), rank, m) for rank, m in enumerate(candidates)]
         heapq.heapify(heap)
-        batches: dict[int, list] = {}
+        batches: dict[Hashable, list] = {}
         while self._pending and heap:
             load, rank, member = heapq.heappop(heap)
             batch = batches.setdefault(member.worker, [])
             batch.append(self._pending.popleft())
             if len(batch) < self._maxBatch:
                 heapq.heappush(heap, (load + 1, rank, member))
-        # Ties go to the next worker in turn.
-        self._next += 1
+        # Ties go to the next worker in turn after the last one served.
+        self._next = list(self._members).index(member.worker) + 1
         byId = {m.worker: m for m in candidates}
         return [(byId[worker], batch) for worker, batch in batches.items()]
 
