@@ -536,14 +536,16 @@ class ClusterService(service.Service):
         if self._reloading is not None:
             _log.info("reload requested while one is running: it continues")
             return _chain(self._reloading)
-        self._reloading = defer.ensureDeferred(self._reload())
+        # _reload() may finish at once (nothing to replace, a spawn that
+        # fails), and then finished() has cleared self._reloading already.
+        reloading = self._reloading = defer.ensureDeferred(self._reload())
 
         def finished(result):
             self._reloading = None
             return result
 
-        self._reloading.addBoth(finished)
-        return _chain(self._reloading)
+        reloading.addBoth(finished)
+        return _chain(reloading)
 
     async def _reload(self) -> None:
         slots = sorted(self._slots)
