@@ -30,7 +30,8 @@ def restartDelay(
     """
     if quickDeaths <= 0:
         return 0.0
-    base = min(maximum, minimum * 2 ** (quickDeaths - 1))
+    # 2.0 ** 1024 overflows a float; long before that the doubling is capped.
+    base = min(maximum, minimum * 2.0 ** min(quickDeaths - 1, 1000))
     return min(maximum, base * (1.0 + jitter()))
 
 
