@@ -760,20 +760,22 @@ class ClusterService(service.Service):
             seconds=process.readyAt - process.forkedAt,
             listens=", ".join(sorted(process.listens.values())) or "nothing",
         )
-        self._emit(_events.WorkerReady(process.workerId, process.pid))
-        if slot is None:
-            return
-        state = slot.state
+        state = None if slot is None else slot.state
         if isinstance(state, _Starting) and state.process is process:
-            _cancel(state.deadline)
-            slot.state = _Running(process)
+            replaced = None
         elif isinstance(state, _Replacing) and state.new is process:
-            _cancel(state.deadline)
-            slot.state = _Running(process)
-            self._drain(state.old, "replaced")
-            state.done.callback(None)
+            replaced = state
         else:
+            self._emit(_events.WorkerReady(process.workerId, process.pid))
             return
+        _cancel(state.deadline)
+        slot.state = _Running(process)
+        # Observers hear of it once the slot says so (one may reload or
+        # scale from there), and before the old worker is told to leave.
+        self._emit(_events.WorkerReady(process.workerId, process.pid))
+        if replaced is not None:
+            self._drain(replaced.old, "replaced")
+            replaced.done.callback(None)
         if self._table is not None and all(
             isinstance(s.state, (_Running, _Retiring)) for s in self._slots.values()
         ):
