@@ -1201,11 +1201,12 @@ def _describeExit(exitCode, signal) -> str:
 def _failedHow(exitCode, signal) -> str:
     """
     How a process ended, worded to follow "which" or a worker's name as
-    the other failure descriptions are ("was not ready within 5.0 s").
+    the other failure descriptions are ("was not ready within 5.0 s"),
+    keeping the "exit code N" operators search for.
     """
     if signal is not None:
         return f"was {_describeExit(exitCode, signal)}"
-    return f"exited with code {exitCode}"
+    return f"died with exit code {exitCode}"
 
 
 def _firstFailure(failure: Failure) -> Failure:
