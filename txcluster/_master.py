@@ -911,8 +911,10 @@ class ClusterService(service.Service):
                 signal=signal,
             )
         self._emit(_events.WorkerExited(process.workerId, process.pid, exitCode, signal, process.expectedExit))
-        process.exited.callback((exitCode, signal))
+        # The slot first: whoever waits on 'exited' may carry on at once
+        # (the end of stopService clears every slot).
         self._slotProcessEnded(process, process.failedHow or _failedHow(exitCode, signal), exitCode, signal)
+        process.exited.callback((exitCode, signal))
 
     def _slotProcessEnded(self, process: _Process, how: str, exitCode, signal) -> None:
         slot = self._slots.get(process.workerId)
