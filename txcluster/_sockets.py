@@ -107,7 +107,8 @@ def bindSocket(key: ListenKey, backlog: int = 50, mode: int = 0o666) -> socket.s
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if key.kind == "unix":
             _bindUNIX(sock, key.address)
-            os.chmod(key.address, mode)
+            if not _isAbstract(key.address):
+                os.chmod(key.address, mode)
         else:
             sock.bind(_sockaddr(key))
         if key.isStream:
@@ -125,11 +126,16 @@ def _sockaddr(key: ListenKey) -> tuple:
     return (key.address, key.port)
 
 
+def _isAbstract(path: str) -> bool:
+    # Linux's abstract namespace: no file, so no mode and nothing left behind.
+    return path.startswith("\0")
+
+
 def _bindUNIX(sock: socket.socket, path: str) -> None:
     try:
         sock.bind(path)
     except OSError as e:
-        if e.errno != errno.EADDRINUSE or not _isStaleUNIXSocket(path):
+        if e.errno != errno.EADDRINUSE or _isAbstract(path) or not _isStaleUNIXSocket(path):
             raise
         os.unlink(path)
         sock.bind(path)
@@ -142,6 +148,8 @@ def _isStaleUNIXSocket(path: str) -> bool:
     except OSError:
         return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A live listener with a full backlog would block a blocking connect.
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
