@@ -409,6 +409,23 @@ class SpawnTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertLogged(f"worker 1 (pid {worker.pid}) online", LogLevel.info)
         self.assertLogged(f"worker 1 (pid {worker.pid}) ready in 0.00 s, listening on nothing")
 
+    def test_readyObserverSeesAReadyCluster(self) -> None:
+        """
+        When observers hear L{WorkerReady}, the cluster already counts the
+        worker as ready: a reload asked for from the observer replaces it.
+        """
+        cluster = self.makeCluster(1)
+        reloads = []
+
+        def observer(event):
+            if isinstance(event, WorkerReady) and not reloads:
+                reloads.append(cluster.reload())
+
+        cluster.addObserver(observer)
+        self.worker(1).start()
+        self.assertEqual(len(self.spawner.workers), 2)
+        self.assertNoResult(reloads[0])
+
     def test_listening(self) -> None:
         """
         A worker that listens gets a L{WorkerListening} with the real
@@ -643,7 +660,7 @@ class RespawnTests(ClusterTestsMixin, SynchronousTestCase):
         last.exit(3)
         message = self.assertLogged("giving up", LogLevel.critical)
         self.assertIn("more than 2 worker failures within 60", message)
-        self.assertIn(f"worker 1 (pid {last.pid}), which exited with code 3", message)
+        self.assertIn(f"worker 1 (pid {last.pid}), which died with exit code 3", message)
         self.assertIn("ValueError: boom", message)
         self.assertIn("Traceback (most recent call last):", message)
         self.assertEqual(self.gaveUp, [])
@@ -897,7 +914,7 @@ class ReloadTests(ClusterTestsMixin, SynchronousTestCase):
         new1.online()
         new1.exit(1)
         failure = self.failureResultOf(d, ReloadFailed)
-        self.assertIn(f"replacement worker 1 (pid {new1.pid}) exited with code 1", str(failure.value))
+        self.assertIn(f"replacement worker 1 (pid {new1.pid}) died with exit code 1", str(failure.value))
         self.assertFalse(old1.disconnectRequested)
         self.assertEqual(self.spawner.running(), [old1, old2])
         self.assertEqual(cluster.statistics().failures, 1)
@@ -955,6 +972,29 @@ class ReloadTests(ClusterTestsMixin, SynchronousTestCase):
         self.spawner.workers[0].exit(0)
         self.successResultOf(first)
         self.successResultOf(second)
+
+    def test_nothingToReplace(self) -> None:
+        """
+        A reload with no ready worker to replace (they are all still
+        starting, and will read the application afresh anyway) finishes at
+        once.
+        """
+        cluster = self.makeCluster(2)
+        self.assertIsNone(self.successResultOf(cluster.reload()))
+        self.assertEqual(len(self.spawner.workers), 2)
+        self.assertLogged("worker 1 is not running; it starts fresh anyway")
+
+    def test_replacementCannotBeSpawned(self) -> None:
+        """
+        A replacement whose spawn fails aborts the reload with
+        L{ReloadFailed}; the old worker keeps serving.
+        """
+        cluster = self.readyCluster(1)
+        self.spawner.spawnError = OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        self.failureResultOf(cluster.reload(), ReloadFailed)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.spawner.running(), [self.worker(1)])
+        self.assertFalse(self.worker(1).disconnectRequested)
 
     def test_reloadWhileStopping(self) -> None:
         """
@@ -1314,6 +1354,22 @@ class StopTests(ClusterTestsMixin, SynchronousTestCase):
         worker.channel.sever()
         d = cluster.stopService()
         worker.process.end(0)
+        self.successResultOf(d)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stopDuringReplacement(self) -> None:
+        """
+        Stopping while a replacement starts drains the old worker and the
+        replacement; once both are gone nothing is left scheduled.
+        """
+        cluster = self.readyCluster(1, listens=[LOCAL], maxRequests=1)
+        self.connect()
+        old, new = self.spawner.workers
+        d = cluster.stopService()
+        self.spawner.flush()
+        self.assertTrue(old.disconnectRequested and new.disconnectRequested)
+        old.exit(0)
+        new.exit(0)
         self.successResultOf(d)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
