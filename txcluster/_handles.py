@@ -392,7 +392,8 @@ class HandleTable:
             handle.resourcePause = None
         handle.sock.close()
         handle.sock = None
-        if handle.key.kind == "unix":
+        if handle.key.kind == "unix" and not handle.key.address.startswith("\0"):
+            # (An abstract name has no file to remove.)
             try:
                 os.unlink(handle.key.address)
             except OSError:
