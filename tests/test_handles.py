@@ -599,6 +599,19 @@ class CloseTests(HandleTableTestsMixin, SynchronousTestCase):
         table.close("w1", handle.listenId)
         self.assertFalse(os.path.exists(path))
 
+    def test_abstractUNIXName(self) -> None:
+        """
+        A UNIX socket in the abstract namespace (a name starting with a NUL
+        byte) has no path: closing it unlinks nothing and does not fail.
+        """
+        name = "\0txcluster-test-" + str(os.getpid())
+        table = self.makeTable()
+        handle = table.query("w1", ListenKey("unix", name, 0, 0))
+        self.assertEqual(handle.sock.getsockname(), name.encode())
+        table.close("w1", handle.listenId)
+        self.assertIsNone(handle.sock)
+        self.assertEqual(table.handles(), [])
+
     def test_closeReleasesWaitingConnections(self) -> None:
         """
         Connections waiting on a handle its last worker closes are closed
