@@ -18,7 +18,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.protocols.basic import LineReceiver
 
-from txcluster import ClusterConfig, ClusterService, WorkerForked, WorkerListening, WorkerReady
+from txcluster import ClusterConfig, ClusterService, WorkerListening, WorkerReady
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APPS = os.path.join(HERE, "apps")

@@ -5,7 +5,6 @@ the test) with real workers, driven by signals.
 
 import os
 import re
-import signal
 import socket
 import sys
 

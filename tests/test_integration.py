@@ -9,7 +9,6 @@ import socket
 
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
 from txcluster import WorkerExited, WorkerListening, WorkerMessage

@@ -71,13 +71,16 @@ class RestartDelayTests(SynchronousTestCase):
         restartDelay(3, jitter=jitter)
         self.assertEqual(len(calls), 1)
 
-    def test_neverBeyondTheMaximum(self):
+    def test_jitterAtTheMaximum(self):
         """
-        The jitter never takes a delay beyond C{maximum}.
+        The doubling stops at C{maximum}, and the jitter still stretches the
+        capped delay, so that workers that all reached the cap do not come
+        back in lockstep.
         """
-        self.assertEqual(restartDelay(6, jitter=lambda: 0.1), 17.6)
-        self.assertEqual(restartDelay(7, jitter=lambda: 0.1), 30.0)
-        self.assertEqual(restartDelay(6, maximum=17.0, jitter=lambda: 0.1), 17.0)
+        self.assertAlmostEqual(restartDelay(6, jitter=lambda: 0.1), 17.6)
+        self.assertAlmostEqual(restartDelay(7, jitter=lambda: 0.1), 33.0)
+        self.assertAlmostEqual(restartDelay(7, maximum=17.0, jitter=lambda: 0.1), 18.7)
+        self.assertEqual(restartDelay(7, jitter=lambda: 0.0), 30.0)
 
     def test_manyQuickDeaths(self):
         """

@@ -59,8 +59,9 @@ class WorkerReady:
 @frozen
 class WorkerDisconnected:
     """
-    The master asked the worker to leave gracefully (C{reason} says why:
-    C{stop}, C{reload}, C{scale}, C{recycle}, C{hung}, ...).
+    The master asked the worker to leave gracefully; C{reason} says why:
+    C{stop} (the master is stopping), C{replaced} (its replacement is ready,
+    in a reload or a recycling), C{scale} (scaled away).
     """
 
     workerId: int

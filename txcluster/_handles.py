@@ -24,7 +24,7 @@ from txcluster._scheduler import (
     Handoff,
     Release,
 )
-from txcluster._sockets import AcceptReader, ListenKey, bindSocket, boundAddress
+from txcluster._sockets import AcceptReader, ListenKey, bindSocket, boundAddress, printablePath
 
 _log = Logger(namespace="txcluster.master")
 
@@ -59,7 +59,7 @@ class Handle:
 
     def describe(self) -> str:
         if self.key.kind == "unix":
-            return f"unix:{self.host}"
+            return f"unix:{printablePath(self.host)}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.key.kind[:3]}:{host}:{self.port}"
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Union
 
 from attrs import field, frozen, mutable, validators
 from twisted.application import service
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error
 from twisted.internet.error import ConnectionLost, ProcessExitedAlready
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols import amp
@@ -137,6 +137,7 @@ class _Process:
     pingSentAt: Optional[float] = None
     exited: defer.Deferred = field(factory=defer.Deferred)
     listens: dict = field(factory=dict)
+    paused: bool = False
     pid: Optional[int] = None
 
     def __repr__(self) -> str:
@@ -354,7 +355,7 @@ class ClusterService(service.Service):
         self._stopping: Optional[defer.Deferred] = None
         self._gaveUp = False
         self._failures = FailureWindow(config.maxRestarts, config.restartWindow)
-        self._heartbeat: Optional[task.LoopingCall] = None
+        self._heartbeat = None
         self._reloading: Optional[defer.Deferred] = None
         self._table: Optional[HandleTable] = None
         self._target = config.workers
@@ -393,10 +394,7 @@ class ClusterService(service.Service):
         )
         for workerId in range(1, self.config.workers + 1):
             self._startSlot(workerId)
-        if self.config.workerTimeout > 0:
-            self._heartbeat = task.LoopingCall(self._beat)
-            self._heartbeat.clock = self.reactor
-            self._heartbeat.start(max(0.05, self.config.workerTimeout / 3.0), now=False)
+        self._scheduleBeat()
 
     def stopService(self) -> defer.Deferred:
         """
@@ -417,14 +415,15 @@ class ClusterService(service.Service):
             count=len(self._processes),
             timeout=self.config.gracefulTimeout,
         )
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
+        _cancel(self._heartbeat)
+        self._heartbeat = None
         for slot in list(self._slots.values()):
             if isinstance(slot.state, _Waiting) and slot.state.call.active():
                 slot.state.call.cancel()
             for d in slot.readyWaiters:
                 d.errback(ClusterStopped("the cluster stopped"))
             slot.readyWaiters = []
+        deadline = self._now() + self.config.gracefulTimeout
         if self._table is not None:
             self._table.stopAccepting()
             idle = self._table.whenIdle()
@@ -436,9 +435,12 @@ class ClusterService(service.Service):
             else:
                 if timeout.active():
                     timeout.cancel()
+        # Handing out the last accepted connections is part of the graceful
+        # period, not added to it.
+        remaining = max(0.0, deadline - self._now())
         processes = list(self._processes)
         for process in processes:
-            self._drain(process, "stop")
+            self._drain(process, "stop", remaining)
         await defer.DeferredList([_chain(p.exited) for p in processes])
         if self._table is not None:
             self._table.closeAll()
@@ -517,8 +519,8 @@ class ClusterService(service.Service):
         Send C{message} to every worker that is not leaving.
         """
         targets = [p for p in self._processes if not p.expectedExit]
-        return defer.gatherResults([self._send(p, message) for p in targets], consumeErrors=True).addCallback(
-            lambda _: None
+        return defer.gatherResults([self._send(p, message) for p in targets], consumeErrors=True).addCallbacks(
+            lambda _: None, _firstFailure
         )
 
     def reload(self) -> defer.Deferred:
@@ -598,7 +600,9 @@ class ClusterService(service.Service):
             newIds = []
             candidate = 1
             while len(active) + len(newIds) < count:
-                if candidate not in self._slots:
+                # An id still draining after a scale-down is free again:
+                # worker ids stay 1..N.
+                if candidate not in active:
                     newIds.append(candidate)
                 candidate += 1
             _log.info(
@@ -787,10 +791,10 @@ class ClusterService(service.Service):
         for d in waiters:
             d.callback(None)
 
-    def _drain(self, process: _Process, reason: str) -> None:
+    def _drain(self, process: _Process, reason: str, timeout: Optional[float] = None) -> None:
         """
-        Ask C{process} to leave gracefully; kill it after the graceful
-        timeout.
+        Ask C{process} to leave gracefully; kill it after C{timeout} (the
+        graceful timeout by default).
         """
         if process.state == "dead":
             return
@@ -801,7 +805,8 @@ class ClusterService(service.Service):
         process.state = "draining"
         if self._table is not None:
             self._table.leaveAll(process)
-        timeout = self.config.gracefulTimeout
+        if timeout is None:
+            timeout = self.config.gracefulTimeout
         _log.info(
             "worker {workerId} (pid {pid}) disconnecting ({reason}): it has {timeout} s to finish",
             workerId=process.workerId,
@@ -929,6 +934,7 @@ class ClusterService(service.Service):
             if state.new is process:
                 _cancel(state.deadline)
                 slot.state = _Running(state.old)
+                self._resume(state.old)
                 self._failed(slot, process, how)
                 state.done.errback(
                     ReloadFailed(f"replacement worker {slot.workerId} (pid {process.pid}) {how}")
@@ -956,6 +962,17 @@ class ClusterService(service.Service):
             self._failed(slot, process, how)
             if self._stopping is None and not self._gaveUp:
                 self._respawn(slot, self._restartPolicy(slot.quickDeaths))
+
+    def _resume(self, process: _Process) -> None:
+        """
+        Put a worker that was taken out of rotation (while being recycled)
+        back, because its replacement failed.
+        """
+        if not process.paused or process.expectedExit or self._table is None:
+            return
+        process.paused = False
+        for listenId in list(process.listens):
+            self._table.listening(process, listenId)
 
     def _failed(self, slot: _Slot, process: _Process, how: str) -> None:
         if self._stopping is not None or self._gaveUp:
@@ -1021,6 +1038,16 @@ class ClusterService(service.Service):
             stopped(None)
 
     # Heartbeat ---------------------------------------------------------------
+
+    def _scheduleBeat(self) -> None:
+        if self.config.workerTimeout > 0 and self._stopping is None:
+            interval = max(0.05, self.config.workerTimeout / 3.0)
+            self._heartbeat = self.reactor.callLater(interval, self._beatAgain)
+
+    def _beatAgain(self) -> None:
+        self._heartbeat = None
+        self._beat()
+        self._scheduleBeat()
 
     def _beat(self) -> None:
         now = self._now()
@@ -1167,9 +1194,19 @@ class ClusterService(service.Service):
         )
         # maybeDeferred: a spawn that raises must not fail the handoff
         # whose answer got us here (the connections were taken).
-        defer.maybeDeferred(self._replace, slot, "recycle").addErrback(
+        replaced = defer.maybeDeferred(self._replace, slot, "recycle")
+        replaced.addErrback(
             lambda f: _log.error("recycling worker {workerId} failed: {why}", workerId=slot.workerId, why=f.getErrorMessage())
         )
+        # The limit is what the worker may take: while its replacement
+        # starts, the other ready workers take its share (if there are none,
+        # it keeps serving rather than leave the port unserved).
+        if not replaced.called and self._table is not None and any(
+            p.state == "ready" and not p.expectedExit and not p.paused and p is not process
+            for p in self._processes
+        ):
+            process.paused = True
+            self._table.leaveAll(process)
 
 
 def _checkQuery(kind, address, port, index, backlog, mode) -> Optional[str]:

@@ -25,14 +25,15 @@ def restartDelay(
         it started (0 for a worker that had stayed up: respawn at once).
     @return: 0 for the first death of a worker that had stayed up, then
         C{minimum}, doubling per quick death up to C{maximum}, each
-        stretched by up to C{jitter()} of itself so that workers failing
-        together do not come back in lockstep.
+        stretched by C{jitter()} of itself (up to 10 % by default, also at
+        the maximum) so that workers failing together do not come back in
+        lockstep.
     """
     if quickDeaths <= 0:
         return 0.0
     # 2.0 ** 1024 overflows a float; long before that the doubling is capped.
     base = min(maximum, minimum * 2.0 ** min(quickDeaths - 1, 1000))
-    return min(maximum, base * (1.0 + jitter()))
+    return base * (1.0 + jitter())
 
 
 class FailureWindow:

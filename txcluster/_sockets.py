@@ -69,11 +69,19 @@ class ListenKey:
         The address as a person would write it.
         """
         if self.kind == "unix":
-            return f"unix:{self.address}"
+            return f"unix:{printablePath(self.address)}"
         host = self.address or ("::" if self.family == socket.AF_INET6 else "0.0.0.0")
         if ":" in host:
             host = f"[{host}]"
         return f"{self.kind[:3]}:{host}:{self.port}"
+
+
+def printablePath(path: str) -> str:
+    """
+    A UNIX socket path fit for a log line: an abstract name (leading NUL)
+    is written C{@name}, as C{ss} and C{netstat} do.
+    """
+    return "@" + path[1:] if path.startswith("\0") else path
 
 
 def tcpKind(interface: str) -> str:
