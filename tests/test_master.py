@@ -236,8 +236,8 @@ class FakesTests(SynchronousTestCase):
         real = inspect.signature(spawnWorker)
         fake = inspect.signature(FakeSpawner().__call__)
         arguments = ("reactor", "protocol", "channel", 1, 2, "app.tac")
-        real.bind(*arguments, env={})
-        fake.bind(*arguments, env={})
+        real.bind(*arguments, env={}, uid=1, gid=2)
+        fake.bind(*arguments, env={}, uid=1, gid=2)
         self.assertEqual(list(fake.parameters), list(real.parameters)[: len(fake.parameters)])
 
     def test_processEnds(self) -> None:

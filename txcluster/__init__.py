@@ -21,6 +21,9 @@ Public names (everything else is private):
     to the master.
   - L{exclusive}: mark a factory to bind inside the worker instead.
 
+Public modules: C{txcluster.tap} (C{twistd txcluster}) and
+C{txcluster.testing} (fakes for testing code that uses txcluster).
+
 Modules:
 
   - C{tap}: C{twistd txcluster} options.
@@ -29,48 +32,50 @@ Modules:
   - C{_policy}: pure supervision rules (backoff, give-up, recycling).
   - C{_sockets}: the master's listening sockets.
   - C{_handles}: the master's table of shared listens.
+  - C{_access}: declared listens and the C{--allow-listen} policy.
   - C{_process}: spawning a worker and relaying its output.
+  - C{_channel}: the master's end of a worker's AMP channel.
   - C{_master}: the master service and its supervision.
   - C{_worker}, C{_intercept}, C{_workermain}: the worker side.
 """
 
-from txcluster._events import (
-    WorkerDisconnected,
-    WorkerExited,
-    WorkerForked,
-    WorkerListening,
-    WorkerMessage,
-    WorkerOnline,
-    WorkerReady,
-)
-from txcluster._intercept import exclusive
-from txcluster._master import (
-    ClusterConfig,
-    ClusterService,
-    ClusterStatistics,
-    ClusterStopped,
-    ReloadFailed,
-    WorkerStatistics,
-)
-from txcluster._version import __version__
-from txcluster._worker import Worker, currentWorker
+import importlib
 
-__all__ = [
-    "ClusterConfig",
-    "ClusterService",
-    "ClusterStatistics",
-    "ClusterStopped",
-    "ReloadFailed",
-    "Worker",
-    "WorkerDisconnected",
-    "WorkerExited",
-    "WorkerForked",
-    "WorkerListening",
-    "WorkerMessage",
-    "WorkerOnline",
-    "WorkerReady",
-    "WorkerStatistics",
-    "__version__",
-    "currentWorker",
-    "exclusive",
-]
+from txcluster._version import __version__
+
+# Names are imported on first use, so that importing txcluster.tap (which
+# twistd does while parsing options) loads nothing heavy.
+_exports = {
+    "ClusterConfig": "txcluster._master",
+    "ClusterService": "txcluster._master",
+    "ClusterStatistics": "txcluster._master",
+    "ClusterStopped": "txcluster._master",
+    "ReloadFailed": "txcluster._master",
+    "WorkerStatistics": "txcluster._master",
+    "WorkerDisconnected": "txcluster._events",
+    "WorkerExited": "txcluster._events",
+    "WorkerForked": "txcluster._events",
+    "WorkerListening": "txcluster._events",
+    "WorkerMessage": "txcluster._events",
+    "WorkerOnline": "txcluster._events",
+    "WorkerReady": "txcluster._events",
+    "Worker": "txcluster._worker",
+    "currentWorker": "txcluster._worker",
+    "exclusive": "txcluster._intercept",
+}
+
+__all__ = sorted(_exports) + ["__version__"]
+
+
+def __getattr__(name: str):
+    try:
+        module = _exports[name]
+    except KeyError:
+        raise AttributeError(f"module 'txcluster' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -54,6 +54,8 @@ class Handle:
     reader: Optional[AcceptReader] = None
     reading: bool = False
     accepted: int = 0
+    #: Bound at start-up (C{--listen}): stays open without workers.
+    declared: bool = False
     #: While accepting is paused for lack of descriptors: the call that resumes it.
     resourcePause: Any = None
 
@@ -152,6 +154,18 @@ class HandleTable:
         handle.members.add(worker)
         return handle
 
+    def declare(self, key: ListenKey, backlog: int = 50, mode: int = 0o666) -> Handle:
+        """
+        Bind C{key} now, before any worker asks (C{--listen}); it stays open
+        while no worker listens on it (connections wait, or the kernel's
+        backlog holds them) until the master stops.
+
+        @raise OSError: binding failed.
+        """
+        handle = self._byKey.get(key) or self._bind(key, backlog, mode)
+        handle.declared = True
+        return handle
+
     def listening(self, worker: Hashable, listenId: int) -> Optional[Handle]:
         """
         C{worker}'s port for C{listenId} is up: it takes connections now.
@@ -174,7 +188,7 @@ class HandleTable:
         handle.members.discard(worker)
         if handle.dispatcher is not None:
             self._run(handle, handle.dispatcher.leave(worker))
-        if not handle.members:
+        if not handle.members and not handle.declared:
             self._closeHandle(handle, "its last worker closed it")
         return handle
 
@@ -189,7 +203,7 @@ class HandleTable:
                 self._run(handle, handle.dispatcher.lose(worker))
             if worker in handle.members:
                 handle.members.discard(worker)
-                if not handle.members and not keepOrphans:
+                if not handle.members and not keepOrphans and not handle.declared:
                     self._closeHandle(handle, "its last worker is gone")
 
     def reportLoad(self, worker: Hashable, connections: int) -> None:
@@ -211,7 +225,7 @@ class HandleTable:
         Close every handle no worker shares any more.
         """
         for handle in list(self._byId.values()):
-            if not handle.members:
+            if not handle.members and not handle.declared:
                 self._closeHandle(handle, "no worker listens on it")
 
     # Shutdown

@@ -39,6 +39,7 @@ from txcluster._channel import MasterChannel
 from txcluster._handles import SCHEDULING, HandleTable, HandleStatistics
 from txcluster._policy import FailureWindow, requestLimit, restartDelay
 from txcluster._process import WorkerOutput, spawnWorker
+from txcluster._access import ListenPolicy, normalizeAddress, parseDeclared, parsePattern, workerIdentity
 from txcluster._sockets import KINDS, ListenKey
 
 _log = Logger(namespace="txcluster.master")
@@ -60,6 +61,14 @@ class ClusterStopped(Exception):
     """
     The cluster stopped (or gave up) before the operation finished.
     """
+
+
+def _each(parse):
+    def validate(instance, attribute, values):
+        for value in values:
+            parse(value)
+
+    return validate
 
 
 def _positive(instance, attribute, value):
@@ -89,6 +98,14 @@ class ClusterConfig:
     @ivar stableAfter: a worker up this long no longer counts as dying
         quickly: its next death respawns at once.
     @ivar env: the workers' environment (default: the master's).
+    @ivar listens: endpoint descriptions (C{tcp:80}, C{unix:/run/app.sock})
+        the master binds at start-up, before twistd drops its privileges.
+    @ivar allowListen: C{--allow-listen} rules: what workers may have the
+        master bind (see L{txcluster._access.parsePattern}).
+    @ivar user: the user the workers run as (a name or a uid); L{None}:
+        the master's.
+    @ivar group: the workers' group (a name or a gid); L{None}: the user's
+        primary group (or the master's).
     """
 
     app: str
@@ -106,6 +123,10 @@ class ClusterConfig:
     maxRestartDelay: float = field(default=30.0, converter=float, validator=_positive)
     stableAfter: float = field(default=10.0, converter=float, validator=_positive)
     env: Optional[dict] = None
+    listens: tuple = field(default=(), converter=tuple, validator=_each(parseDeclared))
+    allowListen: tuple = field(default=(), converter=tuple, validator=_each(parsePattern))
+    user: Optional[str] = None
+    group: Optional[str] = None
 
 
 # One record per worker process.
@@ -277,6 +298,9 @@ class ClusterService(service.Service):
         self._reloading: Optional[defer.Deferred] = None
         self._table: Optional[HandleTable] = None
         self._target = config.workers
+        self._uid: Optional[int] = None
+        self._gid: Optional[int] = None
+        self._policy = ListenPolicy()
         self.exitCode = 0
 
     # Reactor ---------------------------------------------------------------
@@ -294,15 +318,50 @@ class ClusterService(service.Service):
 
     # IService --------------------------------------------------------------
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        """
+        Bind the declared listens (C{--listen}) while the process may still
+        be privileged: twistd drops privileges (C{--uid}/C{--gid}) after
+        this and before L{startService}.
+
+        @raise CannotListenError: a declared listen could not be bound.
+        """
+        super().privilegedStartService()
+        self._prepare()
+
+    def _prepare(self) -> None:
+        if self._table is not None:
+            return
         raiseFileLimit()
+        self._uid, self._gid = workerIdentity(self.config.user, self.config.group)
+        declared = [parseDeclared(d) for d in self.config.listens]
+        self._policy = ListenPolicy(
+            [parsePattern(p) for p in self.config.allowListen],
+            [d.key for d in declared],
+            declaredOnly=os.geteuid() == 0 and self._uid not in (None, 0),
+        )
         self._table = HandleTable(
             self.reactor,
             self.config.scheduling,
             self._sendConnections,
             window=self._handoffWindow,
         )
+        for d in declared:
+            try:
+                handle = self._table.declare(d.key, d.backlog, d.mode)
+            except OSError as e:
+                from twisted.internet.error import CannotListenError
+
+                self._table.closeAll()
+                self._table = None
+                raise CannotListenError(d.key.address, d.key.port, e) from None
+            _log.info("declared {address} (--listen {description})", address=handle.describe(), description=d.description)
+
+    def startService(self) -> None:
+        self._prepare()
+        super().startService()
+        if self._uid is not None or self._gid is not None:
+            _log.info("workers run as uid {uid}, gid {gid}", uid=self._uid, gid=self._gid)
         _log.info(
             "master (pid {pid}) starting {workers} workers of {app} ({scheduling} scheduling)",
             pid=os.getpid(),
@@ -653,6 +712,8 @@ class ClusterService(service.Service):
                 self._target,
                 self.config.app,
                 env=env,
+                uid=self._uid,
+                gid=self._gid,
             )
             process.pid = process.transport.pid
         except Exception:
@@ -1014,7 +1075,16 @@ class ClusterService(service.Service):
             raise ListenRefused(problem)
         if process.expectedExit:
             raise ListenRefused("this worker is leaving the cluster")
-        key = ListenKey(kind, address, port, index)
+        key = ListenKey(kind, normalizeAddress(kind, address), port, index)
+        if not self._policy.permits(key):
+            why = f"{key.describe()}: {self._policy.explain()}"
+            _log.warn(
+                "worker {workerId} (pid {pid}) may not listen on {why}",
+                workerId=process.workerId,
+                pid=process.pid,
+                why=why,
+            )
+            raise ListenRefused(why)
         try:
             handle = self._table.query(process, key, backlog, mode)
         except OSError as e:
@@ -1026,6 +1096,8 @@ class ClusterService(service.Service):
                 error=e.strerror or str(e),
             )
             raise BindFailed(f"{e.errno or 0} {e.strerror or e}")
+        if handle.sock is None:
+            raise ListenRefused("the master is stopping")
         process.listens[handle.listenId] = handle.describe()
         return {
             "listenId": handle.listenId,

@@ -124,12 +124,16 @@ def spawnWorker(
     appPath: str,
     env: Optional[dict] = None,
     executable: str = sys.executable,
+    uid: Optional[int] = None,
+    gid: Optional[int] = None,
 ):
     """
     Start one worker process.
 
     @param channel: the master-side AMP protocol for this worker; it is
         connected before this returns.
+    @param uid: run the worker as this user (L{None}: the master's).
+    @param gid: run the worker with this group (L{None}: the master's).
     @return: the C{IProcessTransport} of the new process.
     """
     masterEnd, workerEnd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -146,6 +150,8 @@ def spawnWorker(
             executable,
             args,
             env=environment,
+            uid=uid,
+            gid=gid,
             childFDs={
                 0: "w",
                 1: "r",

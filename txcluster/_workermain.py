@@ -128,7 +128,13 @@ def main(argv=None, environ=None) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, onTerm)
 
-    for directory in (os.getcwd(), os.path.dirname(os.path.abspath(appPath))):
+    try:
+        cwd = os.getcwd()
+    except OSError:  # a directory this worker's user may not enter
+        cwd = None
+    for directory in (cwd, os.path.dirname(os.path.abspath(appPath))):
+        if directory is None:
+            continue
         if directory not in sys.path:
             sys.path.insert(0, directory)
 

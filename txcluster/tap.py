@@ -71,7 +71,34 @@ class Options(usage.Options):
         ["reload-concurrency", None, "1", "How many workers a reload (SIGHUP) replaces at once."],
         ["max-requests", None, "0", "Recycle a worker after this many connections (0: never)."],
         ["max-requests-jitter", None, "0", "Add a random 0..N to --max-requests per worker."],
+        ["user", "u", None, "Run the workers as this user (name or uid) [default: the master's]."],
+        ["group", "g", None, "Run the workers with this group (name or gid) [default: the user's]."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["allow-listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        # usage.Options prints a method's docstring as it is: keep it one line.
+        self["listen"].append(description)
+
+    opt_listen.__doc__ = (
+        "Bind this endpoint (strports syntax: tcp:80, unix:/run/app.sock, udp:53) in the "
+        "master at start-up, before twistd drops privileges; workers that listen on it "
+        "share it. Repeatable."
+    )
+
+    def opt_allow_listen(self, rule: str) -> None:
+        self["allow-listen"].append(rule)
+
+    opt_allow_listen.__doc__ = (
+        "Workers may have the master bind only what matches a rule: tcp:8080, "
+        "tcp:8000-8099, tcp:*, udp:53, unix:/run/app/* or *. Repeatable. [default: "
+        "anything; only the --listen endpoints when the master runs as root and the "
+        "workers (--user) do not]"
+    )
 
     compData = usage.Completions(
         optActions={
@@ -106,6 +133,20 @@ class Options(usage.Options):
                 f"not {self['scheduling']!r}"
             )
         self["app"] = checkApp(self["app"])
+        from txcluster._access import BadListenDescription, parseDeclared, parsePattern
+
+        for option, parse in (("listen", parseDeclared), ("allow-listen", parsePattern)):
+            for value in self[option]:
+                try:
+                    parse(value)
+                except BadListenDescription as e:
+                    raise usage.UsageError(f"--{option} {e}")
+        from txcluster._access import workerIdentity
+
+        try:
+            workerIdentity(self["user"], self["group"])
+        except ValueError as e:
+            raise usage.UsageError(str(e))
 
 
 def checkApp(path) -> str:
@@ -141,6 +182,10 @@ def configFromOptions(options: Options):
         reloadConcurrency=options["reload-concurrency"],
         maxRequests=options["max-requests"],
         maxRequestsJitter=options["max-requests-jitter"],
+        listens=options["listen"],
+        allowListen=options["allow-listen"],
+        user=options["user"],
+        group=options["group"],
     )
 
 
@@ -208,16 +253,45 @@ class SignalControl(service.Service):
         self._previous.clear()
 
 
+class _Master(service.MultiService):
+    """
+    The master's top service: names the process once it really starts.
+    """
+
+    def __init__(self, appPath: str) -> None:
+        super().__init__()
+        self._appPath = appPath
+
+    def privilegedStartService(self) -> None:
+        from txcluster._workermain import setProcessTitle
+
+        setProcessTitle(f"txcluster master [{os.path.basename(self._appPath)}]")
+        super().privilegedStartService()
+
+
+def leaveOutTLS() -> None:
+    """
+    Keep pyOpenSSL out of this process unless something loaded it already.
+
+    The master never terminates TLS (workers do, on the connections they
+    adopt), yet Twisted loads pyOpenSSL, and with it about 30 MB, as soon as
+    AMP or the TCP transport is imported.  Both work without it.
+    """
+    import sys
+
+    if "OpenSSL" not in sys.modules:
+        sys.modules["OpenSSL"] = None  # type: ignore[assignment]
+
+
 def makeService(options: Options) -> service.IService:
     """
     The master: a L{ClusterService} plus its operator signals.
     """
+    leaveOutTLS()
     from txcluster._master import ClusterService
-    from txcluster._workermain import setProcessTitle
 
-    setProcessTitle(f"txcluster master [{os.path.basename(options['app'])}]")
     cluster = ClusterService(configFromOptions(options))
-    top = service.MultiService()
+    top = _Master(options["app"])
     cluster.setServiceParent(top)
     SignalControl(cluster).setServiceParent(top)
     return top

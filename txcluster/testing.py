@@ -506,6 +506,8 @@ class FakeWorker:
     @ivar workerCount: the worker count it was spawned with (or last told).
     @ivar appPath: the application path it was given.
     @ivar env: the environment it was given.
+    @ivar uid: the user it was to run as (L{None}: the master's).
+    @ivar gid: the group it was to run as (L{None}: the master's).
     @ivar pid: its pid (kept after it ended).
     @ivar process: its L{FakeProcess}.
     @ivar channel: its L{FakeChannel}; the master's protocol is
@@ -532,6 +534,8 @@ class FakeWorker:
         pid: int,
         spawner: Optional["FakeSpawner"] = None,
     ) -> None:
+        self.uid: Optional[int] = None
+        self.gid: Optional[int] = None
         self._spawner = spawner
         self.reactor = reactor
         self.workerId = workerId
@@ -833,10 +837,14 @@ class FakeSpawner:
         workerCount: int,
         appPath: str,
         env: Optional[dict] = None,
+        executable: Optional[str] = None,
+        uid: Optional[int] = None,
+        gid: Optional[int] = None,
     ) -> FakeProcess:
         """
         Spawn a fake worker; the signature is that of
-        L{txcluster._process.spawnWorker}.
+        L{txcluster._process.spawnWorker}.  C{uid} and C{gid} are recorded
+        on the worker (L{FakeWorker.uid}, L{FakeWorker.gid}).
 
         @return: the new worker's L{FakeProcess}.
         """
@@ -848,6 +856,7 @@ class FakeSpawner:
         worker = FakeWorker(
             reactor, processProtocol, channel, workerId, workerCount, appPath, env, pid, self
         )
+        worker.uid, worker.gid = uid, gid
         self.workers.append(worker)
         processProtocol.makeConnection(worker.process)
         worker.channel.connect()

@@ -1,0 +1,145 @@
+"""
+Tests for L{txcluster.tap}: C{twistd txcluster}'s options.
+"""
+
+import os
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from txcluster import tap
+
+from tests._harness import app
+
+
+def parse(*args):
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self):
+        """
+        Only --app is required; the defaults are the documented ones, with
+        one worker per usable CPU.
+        """
+        options = parse("--app", app("web.tac"))
+        config = tap.configFromOptions(options)
+        self.assertEqual(config.workers, tap.usableCPUs())
+        self.assertEqual(config.scheduling, "rr")
+        self.assertEqual(config.gracefulTimeout, 30.0)
+        self.assertEqual(config.startTimeout, 30.0)
+        self.assertEqual(config.maxRestarts, 5)
+        self.assertEqual(config.restartWindow, 60.0)
+        self.assertEqual(config.workerTimeout, 30.0)
+        self.assertEqual(config.reloadConcurrency, 1)
+        self.assertEqual((config.maxRequests, config.maxRequestsJitter), (0, 0))
+        self.assertEqual((config.listens, config.allowListen, config.user, config.group), ((), (), None, None))
+        self.assertEqual(config.app, app("web.tac"))
+
+    def test_values(self):
+        """
+        Every option reaches the configuration, converted; --listen and
+        --allow-listen repeat.
+        """
+        options = parse(
+            "--app", app("web.tac"), "-w", "3", "-s", "least-busy", "--graceful-timeout", "2.5",
+            "--start-timeout", "0", "--max-restarts", "0", "--restart-window", "10",
+            "--worker-timeout", "0", "--reload-concurrency", "2", "--max-requests", "1000",
+            "--max-requests-jitter", "50", "--listen", "tcp:8080", "--listen", "unix:/tmp/x.sock",
+            "--allow-listen", "tcp:9000-9100", "--allow-listen", "udp:*",
+        )
+        config = tap.configFromOptions(options)
+        self.assertEqual(config.workers, 3)
+        self.assertEqual(config.scheduling, "least-busy")
+        self.assertEqual(config.gracefulTimeout, 2.5)
+        self.assertEqual(config.startTimeout, 0.0)
+        self.assertEqual(config.maxRestarts, 0)
+        self.assertEqual(config.reloadConcurrency, 2)
+        self.assertEqual((config.maxRequests, config.maxRequestsJitter), (1000, 50))
+        self.assertEqual(config.listens, ("tcp:8080", "unix:/tmp/x.sock"))
+        self.assertEqual(config.allowListen, ("tcp:9000-9100", "udp:*"))
+
+    def test_badValuesNameTheOption(self):
+        """
+        Each bad value is a usage error that names its option.
+        """
+        for args, option in [
+            (["--workers", "0"], "--workers"),
+            (["--workers", "x"], "--workers"),
+            (["--scheduling", "fifo"], "--scheduling"),
+            (["--graceful-timeout", "-1"], "--graceful-timeout"),
+            (["--graceful-timeout", "nan"], "--graceful-timeout"),
+            (["--start-timeout", "soon"], "--start-timeout"),
+            (["--max-restarts", "-2"], "--max-restarts"),
+            (["--restart-window", "x"], "--restart-window"),
+            (["--worker-timeout", "-5"], "--worker-timeout"),
+            (["--reload-concurrency", "0"], "--reload-concurrency"),
+            (["--max-requests", "1.5"], "--max-requests"),
+            (["--max-requests-jitter", "-1"], "--max-requests-jitter"),
+            (["--listen", "tcp:http"], "--listen"),
+            (["--allow-listen", "tcp:9-1"], "--allow-listen"),
+            (["--user", "no-such-user-txcluster"], "--user"),
+            (["--group", "no-such-group-txcluster"], "--group"),
+        ]:
+            with self.assertRaises(usage.UsageError) as e:
+                parse("--app", app("web.tac"), *args)
+            self.assertIn(option, str(e.exception), args)
+
+    def test_app(self):
+        """
+        --app is required, must exist, be a file and be readable; it is made
+        absolute.
+        """
+        with self.assertRaises(usage.UsageError) as e:
+            parse()
+        self.assertIn("--app is required", str(e.exception))
+        with self.assertRaises(usage.UsageError) as e:
+            parse("--app", "/nonexistent.tac")
+        self.assertIn("no such file", str(e.exception))
+        with self.assertRaises(usage.UsageError) as e:
+            parse("--app", os.path.dirname(app("web.tac")))
+        self.assertIn("not a file", str(e.exception))
+        relative = os.path.relpath(app("web.tac"))
+        self.assertEqual(parse("--app", relative)["app"], app("web.tac"))
+
+    def test_unreadableApp(self):
+        """
+        An app file the master cannot read is refused.
+        """
+        if os.geteuid() == 0:
+            raise self.skipTest("root can read anything")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("application = None\n")
+        os.chmod(path, 0)
+        with self.assertRaises(usage.UsageError) as e:
+            parse("--app", path)
+        self.assertIn("not readable", str(e.exception))
+
+    def test_numericUserIsTheMaster(self):
+        """
+        --user naming the master's own uid switches nothing.
+        """
+        from txcluster._access import workerIdentity
+
+        self.assertEqual(workerIdentity(str(os.getuid()), None), (None, None))
+        self.assertEqual(workerIdentity(None, str(os.getgid())), (None, None))
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_makeService(self):
+        """
+        makeService builds the master (a ClusterService configured from the
+        options) beside the signal handling, without starting anything.
+        """
+        from txcluster import ClusterService
+
+        top = tap.makeService(parse("--app", app("web.tac"), "-w", "2"))
+        services = list(top)
+        clusters = [s for s in services if isinstance(s, ClusterService)]
+        self.assertEqual(len(clusters), 1)
+        self.assertEqual(clusters[0].config.workers, 2)
+        self.assertFalse(clusters[0].running)
+        self.assertEqual(len(services), 2)
