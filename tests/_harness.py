@@ -238,7 +238,14 @@ class MasterProcess:
     stdout.
     """
 
-    def __init__(self, testCase, args: list, env: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        testCase,
+        args: list,
+        env: Optional[dict] = None,
+        twistdArgs: tuple = (),
+        executable: str = sys.executable,
+    ) -> None:
         self.output = _MasterOutput()
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(
@@ -246,16 +253,17 @@ class MasterProcess:
         )
         environment.update(env or {})
         argv = [
-            sys.executable,
+            executable,
             "-c",
             "from twisted.scripts.twistd import run; run()",
             "--pidfile=",
             "--logfile=-",
             "-n",
+            *twistdArgs,
             "txcluster",
         ] + args
         self.transport = reactor.spawnProcess(
-            self.output, sys.executable, argv, env=environment, childFDs={0: "w", 1: "r", 2: "r"}
+            self.output, executable, argv, env=environment, childFDs={0: "w", 1: "r", 2: "r"}
         )
         self.pid = self.transport.pid
         testCase.addCleanup(self.cleanUp)
@@ -398,3 +406,309 @@ class LogCapture:
 
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+# Recorded loopback load ------------------------------------------------------
+
+
+class RequestRecord:
+    """
+    One HTTP/1.0 request on its own connection, as the client saw it.
+
+    @ivar start: C{time.monotonic()} when the connection was attempted.
+    @ivar end: when its outcome was known.
+    @ivar clientPort: the client's local port once connected (the peer
+        port of the server's socket for this connection), else L{None}.
+    @ivar answer: the body's line ("worker <id> <pid>") of a 200 answer.
+    @ivar error: what went wrong: C{refused} (no one listened), C{dropped}
+        (the connection closed before a whole answer came), C{timeout} (no
+        whole answer within the load's timeout), or C{HTTP <status>}.
+    """
+
+    __slots__ = ("path", "start", "end", "clientPort", "answer", "error", "reason")
+
+    def __init__(self, path: str, start: float) -> None:
+        self.path = path
+        self.start = start
+        self.end: Optional[float] = None
+        self.clientPort: Optional[int] = None
+        self.answer: Optional[str] = None
+        self.error: Optional[str] = None
+        self.reason: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.answer is not None
+
+    def __repr__(self) -> str:
+        outcome = self.answer if self.ok else f"{self.error} ({self.reason})"
+        return (
+            f"<{self.path} from :{self.clientPort} [{self.start:.3f}, "
+            f"{self.end if self.end is None else round(self.end, 3)}]: {outcome}>"
+        )
+
+
+_STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
+
+
+class _Exchange(protocol.Protocol):
+    """
+    Send one request, read until the server closes, judge the answer.
+    """
+
+    def __init__(self, record: RequestRecord, done: Callable[[], None]) -> None:
+        self.record = record
+        self.done = done
+        self.data = b""
+
+    def connectionMade(self) -> None:
+        self.record.clientPort = self.transport.getHost().port
+        self.transport.write(b"GET " + self.record.path.encode() + b" HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        record = self.record
+        record.end = time.monotonic()
+        head, _, body = self.data.partition(b"\r\n\r\n")
+        status = _STATUS.match(head)
+        if record.error is not None:
+            pass
+        elif status is None or not body.endswith(b"\n"):
+            record.error = "dropped"
+            record.reason = f"{type(reason.value).__name__} after {len(self.data)} bytes"
+        elif status.group(1) != b"200":
+            record.error = f"HTTP {status.group(1).decode()}"
+        else:
+            record.answer = body.decode().strip()
+        self.done()
+
+
+class _ExchangeFactory(protocol.ClientFactory):
+    def __init__(self, record: RequestRecord, done: defer.Deferred) -> None:
+        self.record = record
+        self.finished = done
+
+    def buildProtocol(self, addr):
+        return _Exchange(self.record, lambda: self.finished.called or self.finished.callback(None))
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self.record.end = time.monotonic()
+        if self.record.error is None:
+            refused = "refused" in reason.getErrorMessage().lower()
+            self.record.error = "refused" if refused else "connect failed"
+            self.record.reason = reason.getErrorMessage()
+        if not self.finished.called:
+            self.finished.callback(None)
+
+
+class RecordingLoad:
+    """
+    Bounded HTTP load on loopback that records every request: C{concurrency}
+    loops, each sending one HTTP/1.0 GET per connection after the other,
+    until stopped or until C{limit} requests were started.
+
+    @param path: the path of the C{n}-th request, from C{n}.
+    @ivar records: every L{RequestRecord}, in the order they started.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        concurrency: int = 4,
+        path: Callable[[int], str] = lambda n: "/",
+        limit: Optional[int] = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.port = port
+        self.concurrency = concurrency
+        self.path = path
+        self.limit = limit
+        self.timeout = timeout
+        self.records: list = []
+        self._running = False
+        self._loops: list = []
+
+    def start(self) -> "RecordingLoad":
+        self._running = True
+        self._loops = [defer.ensureDeferred(self._loop()) for _ in range(self.concurrency)]
+        return self
+
+    def finished(self) -> defer.Deferred:
+        """
+        Fires once every loop has ended (after L{stop} or at C{limit}).
+        """
+        return defer.gatherResults(self._loops)
+
+    async def stop(self) -> None:
+        self._running = False
+        await self.finished()
+
+    def request(self, path: str) -> defer.Deferred:
+        """
+        One recorded request; the Deferred fires with its L{RequestRecord}.
+        """
+        record = RequestRecord(path, time.monotonic())
+        self.records.append(record)
+        done = defer.Deferred()
+        connector = reactor.connectTCP("127.0.0.1", self.port, _ExchangeFactory(record, done), timeout=self.timeout)
+
+        def expire():
+            if record.end is None:
+                record.error = "timeout"
+                record.reason = f"no whole answer within {self.timeout} s"
+                connector.disconnect()
+                transport = getattr(connector, "transport", None)
+                if transport is not None and hasattr(transport, "abortConnection"):
+                    transport.abortConnection()
+
+        call = reactor.callLater(self.timeout, expire)
+        done.addBoth(lambda _: (call.active() and call.cancel(), record)[1])
+        return done
+
+    async def _loop(self) -> None:
+        while self._running and (self.limit is None or len(self.records) < self.limit):
+            record = await self.request(self.path(len(self.records)))
+            if not record.ok:
+                await sleep(0.01)
+
+    def succeeded(self) -> list:
+        return [r for r in self.records if r.ok]
+
+    def failed(self) -> list:
+        return [r for r in self.records if r.end is not None and not r.ok]
+
+    def answeredBy(self) -> dict:
+        """
+        How many requests each "worker <id> <pid>" answered.
+        """
+        counts: dict = {}
+        for r in self.succeeded():
+            counts[r.answer] = counts.get(r.answer, 0) + 1
+        return counts
+
+    def pids(self) -> set:
+        return {int(who.split()[2]) for who in self.answeredBy()}
+
+    def summary(self) -> str:
+        failed = self.failed()
+        return f"{len(self.succeeded())} succeeded, {len(failed)} failed: {failed[:5]}"
+
+
+# What a process holds, from /proc ---------------------------------------------
+
+
+def openFileCount(pid: int) -> int:
+    """
+    How many file descriptors C{pid} has open.
+    """
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def residentKilobytes(pid: int) -> int:
+    """
+    C{pid}'s resident set size (VmRSS), in kB.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def socketInodes(pid: int) -> set:
+    """
+    The inodes of the sockets C{pid} has open (its C{socket:[inode]} fds).
+    """
+    inodes = set()
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(base, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _hexAddress(text: str, six: bool) -> tuple:
+    host, port = text.split(":")
+    raw = bytes.fromhex(host)
+    if six:
+        # Four host-order 32-bit words.
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        return socket.inet_ntop(socket.AF_INET6, raw), int(port, 16)
+    return socket.inet_ntop(socket.AF_INET, raw[::-1]), int(port, 16)
+
+
+def inetSockets(table: str) -> list:
+    """
+    The rows of C{/proc/net/TABLE} (C{tcp}, C{tcp6}, C{udp}, C{udp6}) as
+    C{(inode, state, (localHost, localPort), (remoteHost, remotePort))};
+    state C{0A} is TCP's LISTEN.
+    """
+    rows = []
+    six = table.endswith("6")
+    try:
+        with open(f"/proc/net/{table}") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return rows
+    for line in lines:
+        fields = line.split()
+        rows.append((int(fields[9]), fields[3], _hexAddress(fields[1], six), _hexAddress(fields[2], six)))
+    return rows
+
+
+def unixSockets() -> list:
+    """
+    The rows of C{/proc/net/unix} as C{(inode, listening, path)}; C{path}
+    is C{""} for an unnamed socket and starts with C{@} for an abstract one.
+    """
+    rows = []
+    with open("/proc/net/unix") as f:
+        lines = f.readlines()[1:]
+    for line in lines:
+        fields = line.split()
+        listening = bool(int(fields[3], 16) & 0x10000)  # __SO_ACCEPTCON
+        rows.append((int(fields[6]), listening, fields[7] if len(fields) > 7 else ""))
+    return rows
+
+
+def connectionsInside(pid: int, serverPort: int) -> set:
+    """
+    The client ports of the TCP connections to C{serverPort} whose server
+    socket C{pid} holds.
+    """
+    inodes = socketInodes(pid)
+    return {
+        remote[1]
+        for table in ("tcp", "tcp6")
+        for inode, state, local, remote in inetSockets(table)
+        if inode in inodes and local[1] == serverPort and state != "0A"
+    }
+
+
+def stopProcess(pid: int, timeout: float = 2.0) -> bool:
+    """
+    SIGSTOP C{pid} and wait (blocking, briefly) until it is stopped, so that
+    its file descriptor table holds still.  Whether it stopped.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in ("T", "t", "Z", "X"):
+            return state in ("T", "t")
+        time.sleep(0.001)
+    return False
