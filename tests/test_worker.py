@@ -1,0 +1,547 @@
+"""
+Unit tests for the worker side: L{txcluster._worker} and
+L{txcluster._intercept}, with fakes for the channel and the reactor (and,
+for the synchronous call, a real socketpair whose far end a thread
+answers, since the call blocks).
+"""
+
+import json
+import os
+import socket
+import threading
+
+from twisted.internet import defer, error, reactor, task
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.tcp import makeBinding
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols import amp
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from txcluster import _commands, _worker
+from txcluster._intercept import exclusive, interceptListens, isExclusive
+from txcluster._worker import (
+    MasterUnavailable,
+    Worker,
+    _encodeMessage,
+    _osError,
+)
+
+
+class FakeChannel:
+    """
+    Stands in for L{_worker.WorkerChannel}: answers C{QueryServer} from a
+    script and records every call.
+    """
+
+    def __init__(self, answers=None) -> None:
+        self.calls: list = []
+        self.answers = answers or {}
+        self.transport = object()
+        self.nextListenId = 1
+
+    def callSync(self, command, **kw):
+        self.calls.append((command, kw))
+        answer = self.answers.get((kw["kind"], kw["port"], kw["index"]))
+        if isinstance(answer, Exception):
+            raise answer
+        if answer is None:
+            answer = {"listenId": self.nextListenId, "scheduling": "rr", "host": "127.0.0.1", "port": 4000 + self.nextListenId, "fd": None}
+        self.nextListenId += 1
+        return answer
+
+    def callRemote(self, command, **kw):
+        self.calls.append((command, kw))
+        return defer.succeed({})
+
+    def sent(self, command):
+        return [kw for c, kw in self.calls if c is command]
+
+
+def fakeWorker(answers=None):
+    worker = Worker(MemoryReactorClock(), 2, 3, masterPid=1)
+    worker.channel = FakeChannel(answers)
+    return worker
+
+
+class ListenTests(unittest.SynchronousTestCase):
+    def test_indexesShareEphemeralPorts(self):
+        """
+        A worker's n-th concurrent listen on the same address gets index n,
+        so that every worker's n-th listen(0) maps to one key; a closed
+        listen frees its index.
+        """
+        worker = fakeWorker()
+        first = worker.listenStream("tcp4", "127.0.0.1", 0, Factory())
+        second = worker.listenStream("tcp4", "127.0.0.1", 0, Factory())
+        other = worker.listenStream("tcp4", "127.0.0.1", 8080, Factory())
+        indexes = [(kw["port"], kw["index"]) for kw in worker.channel.sent(_commands.QueryServer)]
+        self.assertEqual(indexes, [(0, 0), (0, 1), (8080, 0)])
+        first.stopListening()
+        worker.listenStream("tcp4", "127.0.0.1", 0, Factory())
+        self.assertEqual(worker.channel.sent(_commands.QueryServer)[-1]["index"], 0)
+        self.assertTrue(second.listening and other.listening)
+
+    def test_portReportsTheRealAddress(self):
+        """
+        The port a listen returns provides IListeningPort, reports the
+        master's bound address, starts its factory, and announces Listening.
+        """
+        worker = fakeWorker()
+        factory = Factory()
+        starts = []
+        factory.doStart = lambda: starts.append(True)
+        port = worker.listenStream("tcp4", "", 0, factory)
+        self.assertTrue(verifyObject(IListeningPort, port))
+        self.assertEqual(port.getHost(), IPv4Address("TCP", "127.0.0.1", 4001))
+        self.assertEqual(starts, [True])
+        self.assertEqual(worker.channel.sent(_commands.Listening), [{"listenId": 1}])
+        v6 = worker.listenStream("tcp6", "::1", 0, Factory())
+        self.assertIsInstance(v6.getHost(), IPv6Address)
+
+    def test_unixPathsAreAbsolute(self):
+        """
+        A relative UNIX path is made absolute (the master's directory may
+        differ); an abstract name is kept.
+        """
+        worker = fakeWorker()
+        worker.listenStream("unix", "app.sock", 0, Factory())
+        worker.listenStream("unix", "\0abstract", 0, Factory())
+        addresses = [kw["address"] for kw in worker.channel.sent(_commands.QueryServer)]
+        self.assertEqual(addresses, [os.path.abspath("app.sock"), "\0abstract"])
+        port = worker._ports[1]
+        self.assertIsInstance(port.getHost(), UNIXAddress)
+
+    def test_bindErrorBecomesCannotListen(self):
+        """
+        BindFailed from the master becomes CannotListenError carrying the
+        OS error (errno and message); nothing is remembered, so the same
+        listen can be tried again.
+        """
+        worker = fakeWorker({("tcp4", 80, 0): _commands.BindFailed("98 Address already in use")})
+        with self.assertRaises(error.CannotListenError) as e:
+            worker.listenStream("tcp4", "127.0.0.1", 80, Factory())
+        self.assertEqual(e.exception.socketError.errno, 98)
+        self.assertIn("127.0.0.1:80", str(e.exception))
+        self.assertIn("Address already in use", str(e.exception))
+        self.assertEqual(worker._ports, {})
+        self.assertEqual(worker._indexes[("tcp4", "127.0.0.1", 80)], set())
+
+    def test_refusedAndUnavailable(self):
+        """
+        A refused listen raises CannotListenError with a PermissionError; a
+        master that cannot be reached raises it too.
+        """
+        worker = fakeWorker({
+            ("tcp4", 81, 0): _commands.ListenRefused("tcp:0.0.0.0:81: not allowed"),
+            ("tcp4", 82, 0): MasterUnavailable("gone"),
+        })
+        with self.assertRaises(error.CannotListenError) as e:
+            worker.listenStream("tcp4", "", 81, Factory())
+        self.assertIsInstance(e.exception.socketError, PermissionError)
+        with self.assertRaises(error.CannotListenError) as e:
+            worker.listenStream("tcp4", "", 82, Factory())
+        self.assertIsInstance(e.exception.socketError, MasterUnavailable)
+
+    def test_noListenWhileDisconnecting(self):
+        """
+        A worker that is leaving the cluster does not start new listens.
+        """
+        worker = fakeWorker()
+        worker.disconnecting = True
+        with self.assertRaises(error.CannotListenError):
+            worker.listenStream("tcp4", "", 0, Factory())
+        self.assertEqual(worker.channel.sent(_commands.QueryServer), [])
+
+    def test_stopListeningClosesOnce(self):
+        """
+        stopListening sends Close once, stops the factory, and fires.
+        """
+        worker = fakeWorker()
+        factory = Factory()
+        stops = []
+        factory.doStop = lambda: stops.append(True)
+        port = worker.listenStream("tcp4", "", 0, factory)
+        d1, d2 = port.stopListening(), port.stopListening()
+        self.successResultOf(d1)
+        self.successResultOf(d2)
+        self.assertEqual(worker.channel.sent(_commands.Close), [{"listenId": 1}])
+        self.assertEqual(stops, [True])
+
+    def test_leastBusyReportsLoad(self):
+        """
+        On a least-busy handle, the worker reports its open connections,
+        at most once per reactor turn.
+        """
+        worker = fakeWorker({("tcp4", 0, 0): {"listenId": 9, "scheduling": "least-busy", "host": "127.0.0.1", "port": 5000, "fd": None}})
+        worker.listenStream("tcp4", "", 0, Factory())
+
+        class Connection:
+            def connectionLost(self, reason):
+                pass
+
+        connections = [Connection() for _ in range(3)]
+        for c in connections:
+            worker._tracker.track(c)
+        connections[0].connectionLost(None)
+        worker.reactor.advance(0)
+        self.assertEqual(worker.channel.sent(_commands.LoadReport), [{"connections": 2}])
+
+
+class AdoptionTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.worker = fakeWorker()
+        self.port = self.worker.listenStream("tcp4", "127.0.0.1", 0, Factory.forProtocol(Protocol))
+        self.pairs = [socket.socketpair() for _ in range(3)]
+        for a, b in self.pairs:
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+
+    def fds(self):
+        return [os.dup(a.fileno()) for a, b in self.pairs]
+
+    def test_adoptsInOrderAndClosesItsCopies(self):
+        """
+        NewConn's connections are adopted in order, non-blocking, with the
+        port's factory and family; the received descriptors are closed
+        (adoption duplicates them) and the answer is how many were taken.
+        """
+        fds = self.fds()
+        self.assertEqual(self.worker._adopt(self.port.listenId, fds), 3)
+        adopted = self.worker.reactor.adoptedStreamConnections
+        self.assertEqual([fd for fd, family, factory in adopted], fds)
+        self.assertEqual({family for fd, family, factory in adopted}, {socket.AF_INET})
+        for fd in fds:
+            self.assertRaises(OSError, os.fstat, fd)
+        for a, b in self.pairs:
+            self.assertFalse(os.get_blocking(a.fileno()))
+
+    def test_refusesAfterStopListening(self):
+        """
+        Connections for a listen the worker closed are refused (0 taken)
+        and their descriptors closed.
+        """
+        self.port.stopListening()
+        fds = self.fds()
+        self.assertEqual(self.worker._adopt(self.port.listenId, fds), 0)
+        self.assertEqual(self.worker.reactor.adoptedStreamConnections, [])
+        for fd in fds:
+            self.assertRaises(OSError, os.fstat, fd)
+
+    def test_refusesUnknownListenAndWhileLeaving(self):
+        """
+        An unknown listen id, or a worker that is disconnecting, takes
+        nothing.
+        """
+        fds = self.fds()
+        self.assertEqual(self.worker._adopt(99, fds), 0)
+        self.worker.disconnecting = True
+        fds = self.fds()
+        self.assertEqual(self.worker._adopt(self.port.listenId, fds), 0)
+        for fd in fds:
+            self.assertRaises(OSError, os.fstat, fd)
+
+    def test_brokenConnectionIsTakenAndLogged(self):
+        """
+        A descriptor that cannot be adopted counts as taken (giving it to
+        another worker would not help) and is logged.
+        """
+        notASocket, w = os.pipe()
+        os.close(w)
+        self.assertEqual(self.worker._adopt(self.port.listenId, [notASocket]), 1)
+        self.assertRaises(OSError, os.fstat, notASocket)
+
+
+class DrainTests(unittest.SynchronousTestCase):
+    def test_disconnectWaitsForConnections(self):
+        """
+        disconnect() closes every listen, then waits for the open
+        connections to end before stopping the reactor.
+        """
+        worker = fakeWorker()
+        worker.listenStream("tcp4", "", 0, Factory())
+        stops = []
+        worker._exit = lambda: stops.append(True)
+
+        class Connection:
+            def connectionLost(self, reason):
+                pass
+
+        c = Connection()
+        worker._tracker.track(c)
+        d = worker.disconnect(timeout=10)
+        self.assertEqual(worker.channel.sent(_commands.Close), [{"listenId": 1}])
+        self.assertNoResult(d)
+        self.assertEqual(stops, [])
+        c.connectionLost(None)
+        self.successResultOf(d)
+        self.assertEqual(stops, [True])
+        self.assertEqual(self.successResultOf(worker.disconnect()), None)
+
+    def test_disconnectTimesOut(self):
+        """
+        Connections still open after the timeout do not hold the worker.
+        """
+        worker = fakeWorker()
+        stops = []
+        worker._exit = lambda: stops.append(True)
+        worker._tracker.track(type("C", (), {"connectionLost": lambda self, r: None})())
+        d = worker.disconnect(timeout=5)
+        worker.reactor.advance(4.9)
+        self.assertNoResult(d)
+        worker.reactor.advance(0.2)
+        self.successResultOf(d)
+        self.assertEqual(stops, [True])
+
+    def test_masterGoneExitsSoon(self):
+        """
+        When the channel closes under a worker that was not leaving, it
+        makes sure to be gone within ORPHAN_EXIT_SECONDS and stops.
+        """
+        worker = fakeWorker()
+        timers = []
+        self.patch(_worker, "exitSoon", timers.append)
+        stops = []
+        worker._exit = lambda: stops.append(True)
+        worker._masterGone(None)
+        self.assertEqual(timers, [_worker.ORPHAN_EXIT_SECONDS])
+        self.assertEqual(stops, [True])
+        self.assertIsNone(worker.channel)
+
+
+class MessageTests(unittest.SynchronousTestCase):
+    def test_encodeLimit(self):
+        """
+        Messages are JSON; one that does not fit in an AMP value is refused
+        with MessageTooLarge saying how big it was.
+        """
+        self.assertEqual(json.loads(_encodeMessage({"a": [1, 2]})), {"a": [1, 2]})
+        with self.assertRaises(_commands.MessageTooLarge) as e:
+            _encodeMessage("x" * 70000)
+        self.assertIn("65535", str(e.exception))
+        with self.assertRaises(TypeError):
+            _encodeMessage(object())
+
+    def test_observers(self):
+        """
+        Message observers get every message; one that raises does not stop
+        the others.
+        """
+        worker = fakeWorker()
+        seen = []
+
+        def broken(message):
+            raise RuntimeError("observer bug")
+
+        worker.addMessageObserver(broken)
+        worker.addMessageObserver(seen.append)
+        worker._deliver({"hello": 1})
+        self.assertEqual(seen, [{"hello": 1}])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        worker.removeMessageObserver(broken)
+        worker.removeMessageObserver(seen.append)
+        worker._deliver(2)
+        self.assertEqual(seen, [{"hello": 1}])
+
+    def test_osError(self):
+        """
+        BindFailed's description becomes an OSError with its errno.
+        """
+        e = _osError("13 Permission denied")
+        self.assertEqual((e.errno, e.strerror), (13, "Permission denied"))
+        self.assertEqual(str(_osError("weird")), "weird")
+
+
+class ClusterPort:
+    """
+    What the recording worker returns for a listen.
+    """
+
+
+class InterceptTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.reactor.udpPorts = {}
+        # MemoryReactor has no listenUDP: record like its other listens.
+        self.reactor.listenUDP = lambda port, protocol, interface="", maxPacketSize=8192: (
+            self.reactor.udpPorts.setdefault(port, (protocol, interface, maxPacketSize))
+        )
+        self.calls = []
+        worker = self
+
+        class Recorder:
+            def listenStream(self, *args):
+                worker.calls.append(("stream",) + args)
+                return ClusterPort()
+
+            def listenDatagram(self, *args):
+                worker.calls.append(("datagram",) + args)
+                return ClusterPort()
+
+        interceptListens(self.reactor, Recorder())
+
+    def test_tcp(self):
+        """
+        listenTCP asks the master, with the kind its interface implies.
+        """
+        f = Factory()
+        self.assertIsInstance(self.reactor.listenTCP(8080, f), ClusterPort)
+        self.reactor.listenTCP(0, f, backlog=7, interface="::1")
+        self.assertEqual(self.calls, [("stream", "tcp4", "", 8080, f, 50), ("stream", "tcp6", "::1", 0, f, 7)])
+
+    def test_exclusiveBindsLocally(self):
+        """
+        An exclusive factory, or a reusePort binding, binds in the worker
+        (the reactor's own listenTCP); a plain binding asks the master.
+        """
+        f = exclusive(Factory())
+        self.assertTrue(isExclusive(f))
+        self.reactor.listenTCP(9000, f)
+        self.assertEqual(self.calls, [])
+        self.assertEqual(self.reactor.tcpServers[-1][:2], (9000, f))
+        self.reactor.listenTCP(makeBinding("127.0.0.1", 9001, reusePort=True), Factory())
+        self.assertEqual(self.calls, [])
+        g = Factory()
+        self.reactor.listenTCP(makeBinding("127.0.0.1", 9002), g)
+        self.assertEqual(self.calls, [("stream", "tcp4", "127.0.0.1", 9002, g, 50)])
+
+    def test_ssl(self):
+        """
+        listenSSL asks the master for a TCP socket and wraps the factory in
+        TLS in the worker.
+        """
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        f = Factory()
+        from twisted.internet.ssl import CertificateOptions
+
+        port = self.reactor.listenSSL(443, f, CertificateOptions(), interface="127.0.0.1")
+        (call,) = self.calls
+        self.assertEqual(call[:4], ("stream", "tcp4", "127.0.0.1", 443))
+        self.assertIsInstance(call[4], TLSMemoryBIOFactory)
+        self.assertIs(call[4].wrappedFactory, f)
+        self.assertIsInstance(port, ClusterPort)
+        self.assertEqual(port._type, "TLS")
+
+    def test_unixAndUDP(self):
+        """
+        listenUNIX (bytes paths decoded) and listenUDP ask the master;
+        exclusive UDP protocols bind locally.
+        """
+        f = Factory()
+        self.reactor.listenUNIX(b"/tmp/x.sock", f, mode=0o600)
+        p = DatagramProtocol()
+        self.reactor.listenUDP(53, p, interface="127.0.0.1")
+        self.assertEqual(
+            self.calls,
+            [("stream", "unix", "/tmp/x.sock", 0, f, 50, 0o600), ("datagram", "udp4", "127.0.0.1", 53, p, 8192)],
+        )
+        self.reactor.listenUDP(54, exclusive(DatagramProtocol()))
+        self.assertEqual(len(self.calls), 2)
+        self.assertEqual(self.reactor.udpPorts[54][0].__class__, DatagramProtocol)
+
+
+class SynchronousCallTests(unittest.TestCase):
+    """
+    L{_worker.WorkerChannel.callSync} over a real socketpair, answered by a
+    thread playing the master.
+    """
+
+    timeout = 10
+
+    def setUp(self):
+        self.patch(_worker, "exitSoon", lambda seconds: None)
+        self.worker = Worker(reactor, 1, 1)
+        self.worker._exit = lambda: None
+        ours, self.master = socket.socketpair()
+        self.addCleanup(self.master.close)
+        self.channel = self.worker.connect(os.dup(ours.fileno()))
+        ours.close()
+        self.addCleanup(self._disconnect)
+        self.messages = []
+        self.worker.addMessageObserver(self.messages.append)
+
+    def _disconnect(self):
+        if self.channel.transport is not None:
+            self.channel.transport.loseConnection()
+        return task.deferLater(reactor, 0, lambda: None)
+
+    def playMaster(self, before=(), answer=True, close=False):
+        """
+        In a thread: read boxes until QueryServer, then send the boxes in
+        C{before}, then the answer (or close the socket).
+        """
+
+        def run():
+            buffer = b""
+            while True:
+                data = self.master.recv(65536)
+                if not data:
+                    return
+                buffer += data
+                boxes = amp.parseString(buffer)
+                queries = [b for b in boxes if b.get(b"_command") == b"QueryServer"]
+                if queries:
+                    break
+            for box in before:
+                self.master.sendall(amp.AmpBox(box).serialize())
+            if close:
+                self.master.shutdown(socket.SHUT_RDWR)
+            elif answer:
+                self.master.sendall(
+                    amp.AmpBox(
+                        {
+                            b"_answer": queries[0][b"_ask"],
+                            b"listenId": b"7",
+                            b"scheduling": b"rr",
+                            b"host": b"127.0.0.1",
+                            b"port": b"4321",
+                        }
+                    ).serialize()
+                )
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+
+    def query(self, **kw):
+        return self.channel.callSync(
+            _commands.QueryServer, kind="tcp4", address="", port=0, index=0, backlog=50, mode=0o666, **kw
+        )
+
+    async def test_answerWhileCommandsWait(self):
+        """
+        The call returns the master's answer; commands that arrived before
+        it wait, and run afterwards in arrival order, outside the call.
+        """
+        self.playMaster(
+            before=[
+                {b"_command": b"ToWorker", b"message": b'"first"'},
+                {b"_command": b"ToWorker", b"message": b'"second"'},
+            ]
+        )
+        answer = self.query()
+        self.assertEqual((answer["listenId"], answer["port"], answer["host"]), (7, 4321, "127.0.0.1"))
+        self.assertEqual(self.messages, [])
+        await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.messages, ["first", "second"])
+
+    async def test_channelClosed(self):
+        """
+        A channel that closes while the call waits raises MasterUnavailable.
+        """
+        self.playMaster(close=True)
+        with self.assertRaises(MasterUnavailable):
+            self.query()
+
+    async def test_timeout(self):
+        """
+        A master that does not answer in time raises MasterUnavailable
+        naming the command.
+        """
+        self.playMaster(answer=False)
+        with self.assertRaises(MasterUnavailable) as e:
+            self.query(timeout=0.3)
+        self.assertIn("QueryServer", str(e.exception))
