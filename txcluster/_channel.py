@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_master -*-
+# -*- test-case-name: tests.test_hostile,tests.test_master -*-
 """
 L{MasterChannel}: the master's end of one worker's AMP channel.
 
@@ -6,50 +6,363 @@ It answers the worker's commands on behalf of the L{ClusterService}
 (which it calls back through a small set of private methods) and is the
 first line of defence against a worker that misbehaves: whatever a worker
 sends, the master must survive it.
+
+A worker misbehaves when it sends what no txcluster worker sends: bytes
+that are not AMP, a key longer than 255 bytes, a box larger than
+L{MAX_BOX_SIZE}, a box that is neither a command nor an answer, an unknown
+command, a command whose arguments do not parse, an answer to a request the
+master never made (or one that does not parse), a file descriptor, a second
+L{Online}, commands faster than L{COMMAND_RATE} allows, or more than
+L{REFUSAL_LIMIT} refused requests within L{REFUSAL_WINDOW} seconds.  The
+channel then reports it to the master (which logs it with the worker's id
+and pid, kills the worker and lets the supervisor replace it) and drops
+the channel: nothing more the worker sends is read.  See the "A
+misbehaving worker" section of C{docs/protocol.md}.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
+from types import MethodType
+from typing import TYPE_CHECKING, Callable, Optional
 
-from twisted.internet import error
-from twisted.internet.error import ConnectionLost
+from twisted.internet import defer
+from twisted.internet.error import ConnectionClosed, ConnectionLost
+from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from txcluster._commands import (
     Close,
+    ListenRefused,
     Listening,
     LoadReport,
     Online,
     QueryServer,
     Ready,
     ToMaster,
+    UnknownListen,
 )
+from txcluster._policy import FailureWindow
 
 if TYPE_CHECKING:
     from txcluster._master import ClusterService, _Process
+
+_log = Logger(namespace="txcluster.master")
+
+#: Commands per second a worker may send, sustained.  A worker sends a
+#: handful of commands per listen, a L{LoadReport} per reactor iteration at
+#: most (about one per two connections under load), and the application's
+#: L{ToMaster} messages; the master parses some 25,000 commands a second in
+#: all, so a worker at this rate would already take 40 % of it.
+COMMAND_RATE = 10_000.0
+
+#: Commands a worker may send at once on top of L{COMMAND_RATE}: in any
+#: interval of I{t} seconds a worker may send C{COMMAND_BURST + COMMAND_RATE
+#: * t} commands.  A worker sending twice the rate is caught after 3 s, one
+#: sending as fast as the master reads after about 2 s.
+COMMAND_BURST = 30_000
+
+#: Refused requests (L{ListenRefused}, L{UnknownListen}) a worker may make
+#: within L{REFUSAL_WINDOW} seconds; one more is misbehaviour.
+REFUSAL_LIMIT = 20
+
+#: See L{REFUSAL_LIMIT}.
+REFUSAL_WINDOW = 60.0
+
+#: The largest box a worker may send, in bytes of keys and values with their
+#: length prefixes: room for a few full 65535-byte values.  It bounds the
+#: memory an unfinished box holds.
+MAX_BOX_SIZE = 256 * 1024
+
+#: Errors a responder may answer with that are the worker's doing, not the
+#: master's: they count towards L{REFUSAL_LIMIT}.
+_REFUSALS = (ListenRefused, UnknownListen)
+
+#: The commands a worker may send (not, say, AMP's own C{StartTLS}).
+_WORKER_COMMANDS = frozenset(
+    c.commandName for c in (Online, QueryServer, Listening, Close, Ready, LoadReport, ToMaster)
+)
+
+
+class ChannelDropped(ConnectionLost):
+    """
+    The master closed a worker's channel on purpose (see
+    L{MasterChannel.drop}).
+    """
+
+    def __str__(self) -> str:
+        return f"the master dropped it: {self.args[0]}"
+
+
+class CommandBudget:
+    """
+    A token bucket: C{burst} commands at once, then C{rate} per second.
+
+    Pure: the caller passes the time in.
+    """
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = now
+
+    def spend(self, now: float) -> bool:
+        """
+        One command arrived at C{now}.
+
+        @return: L{False} when it exceeds the budget.
+        """
+        elapsed = max(0.0, now - self._last)
+        self._last = max(now, self._last)
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        # Rounding must not refuse a worker sending exactly at the rate.
+        if self._tokens < 1.0 - 1e-6:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """
+    C{text} cut to C{limit} characters for a log line: a worker chooses it.
+    """
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _parseProblem(error: BaseException) -> str:
+    """
+    What is wrong with arguments AMP could not parse, in a few words.
+    """
+    if isinstance(error, KeyError) and error.args:
+        name = error.args[0]
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        return f"missing {_shorten(str(name), 40)}"
+    return _shorten(f"{type(error).__name__}: {error}")
 
 
 class MasterChannel(amp.AMP):
     """
     The master's end of one worker's channel: answers the worker's commands
-    on behalf of the L{ClusterService}.
+    on behalf of the L{ClusterService}, and reports a worker that breaks the
+    protocol (see the module docstring) to
+    L{ClusterService._misbehaved}.
+
+    @ivar process: the worker process on the other end.
+    @ivar dropped: why the master stopped reading this channel, or L{None}.
     """
 
-    def __init__(self, cluster: "ClusterService") -> None:
+    def __init__(
+        self,
+        cluster: "ClusterService",
+        seconds: Optional[Callable[[], float]] = None,
+    ) -> None:
+        """
+        @param cluster: the master.
+        @param seconds: the clock for the rate limit (the cluster's reactor
+            by default).
+        """
         super().__init__()
         self._cluster = cluster
+        self._seconds = seconds if seconds is not None else lambda: cluster.reactor.seconds()
         self.process: Optional["_Process"] = None
+        self.dropped: Optional[str] = None
+        self._budget: Optional[CommandBudget] = None
+        self._refusals = FailureWindow(REFUSAL_LIMIT, REFUSAL_WINDOW)
+        self._boxSize = 0
+        self._answering = False
+        self._receiving = False
+        self._wasOnline = False
+
+    # Misbehaviour ----------------------------------------------------------
+
+    def drop(self, why: str) -> None:
+        """
+        Read nothing more from the worker and close the channel (once the
+        bytes being read are done with): what it sends from now on is
+        ignored, descriptors it sent are closed, and
+        requests it has not answered fail with L{ConnectionLost} once the
+        channel is gone (so that the connections in them go to another
+        worker).
+
+        @param why: for the log, e.g. C{"the worker misbehaved"}.
+        """
+        if self.dropped is not None:
+            return
+        self.dropped = why
+        self._closeDescriptors()
+        if not self._receiving:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _misbehave(self, what: str) -> None:
+        """
+        The worker did C{what} ("sent ..."): have the master log it and
+        replace the worker, and drop the channel.
+        """
+        if self.dropped is not None:
+            return
+        self._cluster._misbehaved(self.process, what)
+        self.drop("the worker misbehaved")
+
+    def _closeDescriptors(self) -> None:
+        for fd in self._descriptors.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._descriptors.clear()
+
+    # Framing ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.dropped is not None:
+            return
+        # A drop while these bytes are read closes the channel once they
+        # are: what the master answered meanwhile goes out first.
+        self._receiving = True
+        try:
+            super().dataReceived(data)
+        except Exception as e:
+            # The checks below should leave nothing for AMP to raise; if
+            # something does, it is still the worker's bytes that did it.
+            self._misbehave(f"sent data the master cannot parse ({_parseProblem(e)})")
+        finally:
+            self._receiving = False
+        if self.dropped is not None:
+            self._close()
+
+    def stringReceived(self, string: bytes) -> None:
+        if self.dropped is not None:
+            return
+        self._boxSize += 2 + len(string)
+        if self._boxSize > MAX_BOX_SIZE:
+            self._misbehave(f"sent a box larger than {MAX_BOX_SIZE} bytes")
+            return
+        if not string and self.state != "value":
+            # The empty key ends the box.
+            self._boxSize = 0
+        super().stringReceived(string)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        # Int16StringReceiver's limit is the current string's: keys are at
+        # most 255 bytes (values may use all 16 bits).
+        self._misbehave(f"sent a key of {length} bytes (at most {self._MAX_KEY_LENGTH})")
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         # Workers never send descriptors to the master.
         os.close(descriptor)
-        self._cluster._misbehaved(self.process, "sent a file descriptor")
+        self._misbehave("sent a file descriptor")
+
+    def ampBoxReceived(self, box) -> None:
+        if self.dropped is not None:
+            return
+        if amp.ANSWER in box or amp.ERROR in box:
+            tag = box[amp.ANSWER] if amp.ANSWER in box else box[amp.ERROR]
+            if self._outstandingRequests is None or tag not in self._outstandingRequests:
+                self._misbehave(f"answered a request the master never sent (tag {_shorten(repr(tag), 40)})")
+                return
+            if amp.ANSWER not in box and not (amp.ERROR_CODE in box and amp.ERROR_DESCRIPTION in box):
+                self._misbehave("sent an error answer without a code or description")
+                return
+            self._answering = True
+            try:
+                super().ampBoxReceived(box)
+            finally:
+                self._answering = False
+            return
+        if amp.COMMAND not in box:
+            self._misbehave("sent a box that is neither a command nor an answer")
+            return
+        now = self._seconds()
+        if self._budget is None:
+            self._budget = CommandBudget(COMMAND_RATE, COMMAND_BURST, now)
+        if not self._budget.spend(now):
+            self._misbehave(
+                f"sent commands faster than {COMMAND_RATE:.0f} a second "
+                f"(after a burst of {COMMAND_BURST})"
+            )
+            return
+        super().ampBoxReceived(box)
+
+    # Commands from the worker ---------------------------------------------
+
+    def locateResponder(self, name: bytes):
+        """
+        The responder for command C{name}: it parses the arguments (a
+        worker whose arguments do not parse misbehaved), calls the master,
+        and turns a refusal into the command's declared error.  An unknown
+        command is misbehaviour.
+        """
+        found = self._commandDispatch.get(name) if name in _WORKER_COMMANDS else None
+        if found is None:
+            return lambda box: self._unknownCommand(name)
+        command, responder = found
+        return lambda box: self._respond(command, MethodType(responder, self), box)
+
+    def _unknownCommand(self, name: bytes) -> defer.Deferred:
+        self._misbehave(f"sent an unknown command {_shorten(repr(name), 60)}")
+        # No answer: the channel is closing.
+        return defer.Deferred()
+
+    def _respond(self, command, responder, box) -> defer.Deferred:
+        try:
+            arguments = command.parseArguments(box, self)
+        except Exception as e:
+            self._misbehave(f"sent a malformed {command.__name__} ({_parseProblem(e)})")
+            return defer.Deferred()
+        d = defer.maybeDeferred(responder, **arguments)
+        d.addCallback(command.makeResponse, self)
+        d.addErrback(self._failed, command, amp.ASK in box)
+        return d
+
+    def _failed(self, failure: Failure, command, answerExpected: bool):
+        known = failure.check(*command.allErrors)
+        if known is not None:
+            if failure.check(*_REFUSALS) and self._refusals.record(self._seconds()):
+                self._misbehave(
+                    f"made more than {REFUSAL_LIMIT} requests the master refused within "
+                    f"{REFUSAL_WINDOW:.0f} s, the last a {command.__name__} "
+                    f"({_shorten(failure.getErrorMessage())})"
+                )
+            if not answerExpected:
+                # AMP would log an error nobody asked for as unhandled.
+                return None
+            return Failure(
+                amp.RemoteAmpError(
+                    command.allErrors[known],
+                    failure.getErrorMessage(),
+                    known in command.fatalErrors,
+                    local=failure,
+                )
+            )
+        # The master's own fault: say so, and let the worker go as if its
+        # channel had broken (it exits when it sees the channel close).
+        process = self.process
+        _log.failure(
+            "the master failed to answer {command} from worker {workerId} (pid {pid}); "
+            "closing its channel",
+            failure,
+            command=command.__name__,
+            workerId=None if process is None else process.workerId,
+            pid=None if process is None else process.pid,
+        )
+        self.drop(f"the master failed to answer its {command.__name__}")
+        if not answerExpected:
+            return None
+        return Failure(amp.RemoteAmpError(amp.UNKNOWN_ERROR_CODE, "Unknown Error", local=failure))
 
     @Online.responder
     def online(self, pid: int) -> dict:
+        if self._wasOnline:
+            self._misbehave("said it was online twice")
+            return {}
+        self._wasOnline = True
         self._cluster._online(self.process, pid)
         return {}
 
@@ -82,6 +395,30 @@ class MasterChannel(amp.AMP):
         self._cluster._message(self.process, message)
         return {}
 
+    # Commands to the worker -------------------------------------------------
+
+    def callRemote(self, commandType, *a, **kw):
+        """
+        As L{amp.AMP.callRemote}; an answer that does not parse is
+        misbehaviour, and the Deferred fails with L{ConnectionLost} as if
+        the channel had broken (a L{NewConn}'s connections go to another
+        worker).
+        """
+        d = super().callRemote(commandType, *a, **kw)
+        if d is not None:
+            d.addErrback(self._checkAnswer, commandType)
+        return d
+
+    def _checkAnswer(self, failure: Failure, command) -> Failure:
+        if not self._answering or failure.check(amp.RemoteAmpError, ConnectionClosed, *command.allErrors):
+            # Not an answer from the worker (the channel closed, say), or an
+            # error it answered with: the caller handles it.
+            return failure
+        self._misbehave(f"sent a malformed answer to {command.__name__} ({_parseProblem(failure.value)})")
+        return Failure(ConnectionLost(f"the worker's answer to {command.__name__} was malformed"))
+
+    # Connection ---------------------------------------------------------------
+
     def makeConnection(self, transport) -> None:
         # AMP logs every connection at info level; a channel is not news.
         self._transportPeer = transport.getPeer()
@@ -89,18 +426,15 @@ class MasterChannel(amp.AMP):
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
     def connectionLost(self, reason) -> None:
-        for fd in self._descriptors.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._descriptors.clear()
+        self._closeDescriptors()
+        if self.dropped is not None:
+            reason = Failure(ChannelDropped(self.dropped))
         outstanding = reason
-        if not reason.check(error.ConnectionClosed):
-            # The reactor dropped the channel because what the worker sent
-            # broke the parser.  For the commands it had not answered this
-            # is the channel closing: the handle table gives their
-            # connections to other workers instead of counting them taken.
+        if not reason.check(ConnectionClosed):
+            # The reactor dropped the channel because of an error.  For the
+            # commands the worker had not answered this is the channel
+            # closing: the handle table gives their connections to other
+            # workers instead of counting them taken.
             outstanding = Failure(ConnectionLost(f"the channel broke: {reason.getErrorMessage()}"))
         amp.BinaryBoxProtocol.connectionLost(self, outstanding)
         self.transport = None

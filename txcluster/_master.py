@@ -865,6 +865,8 @@ class ClusterService(service.Service):
         )
         process.failedHow = f"misbehaved: it {what}"
         self._kill(process)
+        # Whatever else it sends is not read.
+        process.channel.drop("the worker misbehaved")
 
     def _keepOrphans(self) -> bool:
         return self._stopping is None and not self._gaveUp
@@ -1200,8 +1202,9 @@ class ClusterService(service.Service):
 
 
 def _checkQuery(kind, address, port, index, backlog, mode) -> Optional[str]:
+    # Every value is the worker's: quote text shortened, for the log.
     if kind not in KINDS:
-        return f"unknown kind {kind!r}"
+        return f"unknown kind {_quote(kind)}"
     if not 0 <= port <= 65535:
         return f"port {port} is out of range"
     if not 0 <= index <= 1024:
@@ -1210,11 +1213,22 @@ def _checkQuery(kind, address, port, index, backlog, mode) -> Optional[str]:
         return f"backlog {backlog} is out of range"
     if not 0 <= mode <= 0o7777:
         return f"mode {mode:o} is out of range"
-    if kind == "unix" and (not address or "\0" in address[1:] or len(address.encode()) > 107):
-        return f"bad UNIX socket path {address!r}"
     if len(address) > 1024:
-        return "address is too long"
+        return f"address is too long ({len(address)} characters)"
+    if kind == "unix":
+        # The worker makes a relative path absolute; a NUL may only start
+        # an abstract name.
+        if not address.startswith(("/", "\0")) or "\0" in address[1:] or len(address.encode()) > 107:
+            return f"bad UNIX socket path {_quote(address)}"
+    elif not (address.isascii() and address.isprintable()):
+        # bind() raises TypeError, not OSError, for these.
+        return f"bad interface address {_quote(address)}"
     return None
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    quoted = repr(text)
+    return quoted if len(quoted) <= limit else f"{quoted[:limit]}... ({len(text)} characters)"
 
 
 def _describeExit(exitCode, signal) -> str:

@@ -217,6 +217,18 @@ class FakeChannel:
         """
         return len(self._queues[side])
 
+    def takeData(self, side: int) -> bytes:
+        """
+        Remove the bytes C{side} wrote that were not delivered yet and return
+        them, for a test that plays the other end by hand (raw bytes in
+        through the protocol's C{dataReceived}, what it answered read from
+        here).  Queued descriptors and a queued close stay.
+        """
+        queue = self._queues[side]
+        data = b"".join(value for kind, value in queue if kind == "data")
+        queue[:] = [item for item in queue if item[0] != "data"]
+        return data
+
     def flush(self) -> bool:
         """
         Deliver everything that can be delivered, including what the
