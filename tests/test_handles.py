@@ -348,18 +348,25 @@ class HandoffTests(HandleTableTestsMixin, SynchronousTestCase):
     def test_errorAnswerCountsAsTaken(self) -> None:
         """
         A worker that answers a handoff with an error may have adopted the
-        connections: the master logs it and closes its copies rather than
-        serve them twice.
+        connections: the master closes its copies rather than serve them
+        twice, and reports the worker as misbehaving.
         """
-        table, handle = self.listeningTable(workers=("w1", "w2"))
+        reports = []
+        table, handle = self.listeningTable(
+            workers=("w1", "w2"), badAnswer=lambda worker, why: reports.append((worker, why))
+        )
         self.connect(handle)
         self.readAll()
         (first,) = self.sent.calls
         self.closeLater(first[2])
         first[3].errback(ValueError("the worker broke"))
-        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(len(self.sent.calls), 1)
         self.assertFalse(isOpen(first[2][0]))
+        ((worker, why),) = reports
+        self.assertEqual(worker, first[0])
+        self.assertIn("answered a handoff of 1 connections on", why)
+        self.assertIn("the worker broke", why)
 
     def test_loseRedistributesUnanswered(self) -> None:
         """

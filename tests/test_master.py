@@ -1552,8 +1552,8 @@ class ConnectionTests(ClusterTestsMixin, SynchronousTestCase):
     def test_errorAnswer(self) -> None:
         """
         A worker that answers a handoff with an error may have adopted the
-        connections: the master logs it and counts them taken rather than
-        risk serving them twice.
+        connections: the master counts them taken rather than risk serving
+        them twice, and replaces the worker, which never does that.
         """
         self.readyCluster(2, listens=[LOCAL])
         worker = self.worker(1)
@@ -1561,8 +1561,13 @@ class ConnectionTests(ClusterTestsMixin, SynchronousTestCase):
         self.connect()
         (newConn,) = worker.unanswered(NewConn)
         newConn.fail(amp.RemoteAmpError(b"ADOPTION_FAILED", "adoption failed"))
-        self.assertEqual(len(self.flushLoggedErrors(amp.RemoteAmpError)), 1)
-        self.assertLogged(f"failed a handoff of 1 connections on {self.handle().describe()}")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertLogged(
+            f"worker 1 (pid {worker.pid}) misbehaved: it answered a handoff of 1 connections on "
+            f"{self.handle().describe()} with an error",
+            LogLevel.error,
+        )
+        self.assertEqual(worker.process.signalNumbers(), [signal.SIGKILL])
         self.assertEqual(self.worker(2).commands(NewConn), [])
         self.assertEqual(self.cluster.statistics().workers[0].handed, 0)
 
@@ -1714,17 +1719,19 @@ class MisbehaviourTests(ClusterTestsMixin, SynchronousTestCase):
 
     def test_malformedBox(self) -> None:
         """
-        A box the master cannot parse breaks the channel: it is logged and
-        the worker killed after a grace period.
+        A box the master cannot parse is misbehaviour: it is logged (not as
+        an unhandled error) and the worker is killed at once.
         """
         self.readyCluster(2)
         worker = self.worker(1)
         worker.send(b"\x00\x05hello\x00\x03abc\x00\x00")
-        self.assertEqual(len(self.flushLoggedErrors(amp.NoEmptyBoxes)), 1)
-        self.assertLogged(f"worker 1 (pid {worker.pid}): channel closed", LogLevel.warn)
-        self.assertEqual(worker.process.signals, [])
-        self.reactor.advance(CHANNEL_LOST_GRACE)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertLogged(
+            f"worker 1 (pid {worker.pid}) misbehaved: it sent a box that is neither a command nor an answer",
+            LogLevel.error,
+        )
         self.assertEqual(worker.process.signalNumbers(), [signal.SIGKILL])
+        self.assertTrue(worker.channel.lost)
         worker.kill()
         self.assertEqual(
             [c for c in self.reactor.getDelayedCalls() if c.func == self.cluster._kill], []
@@ -1756,3 +1763,18 @@ class MisbehaviourTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertLogged("channel closed", LogLevel.warn)
         self.reactor.advance(CHANNEL_LOST_GRACE)
         self.assertEqual(worker.process.signalNumbers(), [signal.SIGKILL])
+
+
+class QueryCheckTests(SynchronousTestCase):
+    def test_numericInterfacesOnly(self) -> None:
+        """
+        The master binds numeric interfaces only: a name would make it
+        resolve (and block its reactor); workers resolve names first.
+        """
+        from txcluster._master import _checkQuery
+
+        self.assertIsNone(_checkQuery("tcp4", "127.0.0.1", 80, 0, 50, 0o666))
+        self.assertIsNone(_checkQuery("tcp6", "::1", 80, 0, 50, 0o666))
+        self.assertIsNone(_checkQuery("tcp4", "", 80, 0, 50, 0o666))
+        problem = _checkQuery("tcp4", "localhost", 80, 0, 50, 0o666)
+        self.assertIn("'localhost' is not a numeric address", problem)

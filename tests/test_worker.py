@@ -114,6 +114,20 @@ class ListenTests(unittest.SynchronousTestCase):
         port = worker._ports[1]
         self.assertIsInstance(port.getHost(), UNIXAddress)
 
+    def test_namesAreResolvedInTheWorker(self):
+        """
+        An interface given by name is resolved by the worker (the master
+        takes numeric addresses only); a name that does not resolve is a
+        CannotListenError naming it.
+        """
+        worker = fakeWorker()
+        worker.listenStream("tcp4", "localhost", 0, Factory())
+        self.assertEqual(worker.channel.sent(_commands.QueryServer)[0]["address"], "127.0.0.1")
+        with self.assertRaises(error.CannotListenError) as e:
+            worker.listenStream("tcp4", "no-such-host.invalid", 0, Factory())
+        self.assertIn("no-such-host.invalid", str(e.exception))
+        self.assertEqual(len(worker.channel.sent(_commands.QueryServer)), 1)
+
     def test_bindErrorBecomesCannotListen(self):
         """
         BindFailed from the master becomes CannotListenError carrying the

@@ -87,6 +87,8 @@ class HandleTable:
 
     @param sendConnections: C{(worker, listenId, fds) -> Deferred[int]}: send
         a L{NewConn} to that worker; the result is how many it took.
+    @param badAnswer: C{(worker, why)}: a worker answered a handoff with
+        an error.
     @param maxPending: stop accepting on a handle while this many accepted
         connections wait for a worker (the kernel's backlog holds the rest);
         resume below half of it.
@@ -101,6 +103,7 @@ class HandleTable:
         maxBatch: int = 253,
         maxPending: int = 1024,
         resourcePause: float = 0.5,
+        badAnswer: Callable[[Hashable, str], None] = lambda worker, why: None,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"unknown scheduling {scheduling!r}")
@@ -111,6 +114,7 @@ class HandleTable:
         self._maxBatch = maxBatch
         self._maxPending = maxPending
         self._resourcePause = resourcePause
+        self._badAnswer = badAnswer
         self._byKey: dict[ListenKey, Handle] = {}
         self._byId: dict[int, Handle] = {}
         self._nextId = 1
@@ -328,17 +332,16 @@ class HandleTable:
             # The worker's channel is gone: what it had not answered moves on.
             self._run(handle, handle.dispatcher.lose(handoff.worker))
             return
-        # The worker answered with an error: it may have adopted some of the
-        # connections, so giving them to another worker could serve a
-        # request twice.  Treat them as taken, and say so.
-        _log.failure(
-            "worker {worker} failed a handoff of {count} connections on {address}",
-            failure=failure,
-            worker=handoff.worker,
-            count=len(handoff.connections),
-            address=handle.describe(),
-        )
+        # The worker answered with an error, which a worker never does: it
+        # may have adopted some of the connections, so giving them to
+        # another worker could serve a request twice.  Treat them as taken
+        # and report the worker.
         self._run(handle, handle.dispatcher.answered(handoff, len(handoff.connections)))
+        self._badAnswer(
+            handoff.worker,
+            f"answered a handoff of {len(handoff.connections)} connections on "
+            f"{handle.describe()} with an error ({failure.getErrorMessage()[:80]})",
+        )
 
     def _release(self, handle: Handle, release: Release) -> None:
         for fd in release.connections:

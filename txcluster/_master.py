@@ -151,6 +151,8 @@ class _Process:
     pingSentAt: Optional[float] = None
     exited: defer.Deferred = field(factory=defer.Deferred)
     listens: dict = field(factory=dict)
+    #: The listens it reported up with Listening (each is logged once).
+    listening: set = field(factory=set)
     paused: bool = False
     pid: Optional[int] = None
 
@@ -345,6 +347,7 @@ class ClusterService(service.Service):
             self.config.scheduling,
             self._sendConnections,
             window=self._handoffWindow,
+            badAnswer=lambda process, why: self._misbehaved(process, why),
         )
         for d in declared:
             try:
@@ -1113,6 +1116,9 @@ class ClusterService(service.Service):
         handle = self._table.get(listenId)
         if handle is None or process not in handle.members:
             raise UnknownListen(f"listen {listenId} is not one of this worker's")
+        if listenId in process.listening:
+            return
+        process.listening.add(listenId)
         if not process.expectedExit and process.failedHow is None:
             # A worker that was told to leave (or is about to be killed)
             # may still report a listen that crossed the Disconnect: it
@@ -1129,6 +1135,7 @@ class ClusterService(service.Service):
         )
 
     def _close(self, process: _Process, listenId: int) -> None:
+        process.listening.discard(listenId)
         address = process.listens.pop(listenId, None)
         if address is None:
             raise UnknownListen(f"listen {listenId} is not one of this worker's")
@@ -1223,7 +1230,17 @@ def _checkQuery(kind, address, port, index, backlog, mode) -> Optional[str]:
     elif not (address.isascii() and address.isprintable()):
         # bind() raises TypeError, not OSError, for these.
         return f"bad interface address {_quote(address)}"
+    elif address and not _isNumericAddress(address):
+        # A name would make the master resolve it (blocking its reactor);
+        # workers resolve names before they ask.
+        return f"interface {_quote(address)} is not a numeric address"
     return None
+
+
+def _isNumericAddress(address: str) -> bool:
+    from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+    return isIPAddress(address) or isIPv6Address(address)
 
 
 def _quote(text: str, limit: int = 80) -> str:

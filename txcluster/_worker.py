@@ -24,6 +24,7 @@ from errno import ENOTCONN
 from typing import Any, Callable, Optional
 
 from twisted.internet import address, defer, error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -528,6 +529,14 @@ class Worker:
             )
         if kind == "unix" and not interface.startswith("\0"):
             interface = os.path.abspath(interface)
+        elif kind != "unix" and interface and not (isIPAddress(interface) or isIPv6Address(interface)):
+            # The master binds numeric addresses only (resolving a name
+            # would block it); resolve here, as bind() would have.
+            family = socket.AF_INET6 if kind.endswith("6") else socket.AF_INET
+            try:
+                interface = socket.getaddrinfo(interface, port, family)[0][4][0]
+            except OSError as e:
+                raise error.CannotListenError(interface, port, e) from None
         base = (kind, interface, port)
         used = self._indexes.setdefault(base, set())
         index = 0
