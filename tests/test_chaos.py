@@ -223,12 +223,6 @@ class ReloadChaosTests(unittest.TestCase):
         self.assertEqual(set(answers) - {1, 2}, set(), answers)
         self.assertEqual(list(listens.values()), [(f"unix:{path}",)] * 2, listens)
 
-    test_sharedUnixListenSurvivesReload.todo = (
-        "txcluster bug: with shared scheduling, a leaving worker's adopted "
-        "twisted.internet.unix.Port unlinks the socket path in connectionLost "
-        "while the master and the other workers still listen on it, and the "
-        "next worker to adopt it fails (os.chmod on the missing path)"
-    )
 
 
 class ScaleChaosTests(unittest.TestCase):

@@ -559,3 +559,34 @@ class SynchronousCallTests(unittest.TestCase):
         with self.assertRaises(MasterUnavailable) as e:
             self.query(timeout=0.3)
         self.assertIn("QueryServer", str(e.exception))
+
+
+class SharedUNIXPortTests(unittest.TestCase):
+    """
+    L{_worker.SharedUNIXPort}: a worker's copy of the master's UNIX socket.
+    """
+
+    async def test_leavesTheMastersSocketAlone(self):
+        """
+        Starting and stopping a shared UNIX port keeps the socket file, its
+        permissions, and the master's listening socket working.
+        """
+        path = os.path.abspath(self.mktemp())
+        master = socket.socket(socket.AF_UNIX)
+        self.addCleanup(master.close)
+        master.bind(path)
+        os.chmod(path, 0o600)
+        master.listen(5)
+        fd = os.dup(master.fileno())
+        os.set_blocking(fd, False)
+        port = _worker.SharedUNIXPort._fromListeningDescriptor(reactor, fd, Factory.forProtocol(Protocol))
+        port.startListening()
+        os.close(fd)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        await port.stopListening()
+        self.assertTrue(os.path.exists(path))
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)
+        accepted, _ = master.accept()
+        accepted.close()

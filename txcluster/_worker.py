@@ -17,13 +17,14 @@ import json
 import os
 import select
 import socket
+import stat
 import threading
 import time
 from collections import deque
 from errno import ENOTCONN
 from typing import Any, Callable, Optional
 
-from twisted.internet import address, defer, error
+from twisted.internet import address, defer, error, tcp, unix
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
@@ -387,6 +388,29 @@ class AdoptedPort:
         return f"<txcluster shared {self._port!r} (listen {self.listenId})>"
 
 
+class SharedUNIXPort(unix.Port):
+    """
+    The UNIX port C{adoptStreamPort} would make, without what only the
+    socket's owner may do: the master owns the path, so a worker neither
+    resets its permissions when it starts listening nor removes the file
+    when it stops, and does not C{shutdown()} the listening socket (Twisted
+    spares adopted TCP ports that, not UNIX ones) — each would cut off the
+    master and every other worker.
+    """
+
+    _shouldShutdown = False
+
+    def startListening(self) -> None:
+        try:
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        except (OSError, TypeError, ValueError):
+            pass
+        super().startListening()
+
+    def connectionLost(self, reason) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
 def _chain(d: defer.Deferred) -> defer.Deferred:
     result = defer.Deferred()
 
@@ -586,7 +610,11 @@ class Worker:
         def makePort(answer):
             if answer["scheduling"] == "shared":
                 tracked = _TrackingFactory(factory, self._tracker)
-                realPort = self.reactor.adoptStreamPort(answer["fd"], family, tracked)
+                if family == socket.AF_UNIX:
+                    realPort = SharedUNIXPort._fromListeningDescriptor(self.reactor, answer["fd"], tracked)
+                    realPort.startListening()
+                else:
+                    realPort = self.reactor.adoptStreamPort(answer["fd"], family, tracked)
                 return AdoptedPort(self, answer["listenId"], realPort)
             host = _address(kind, answer["host"], answer["port"])
             p = DispatchedPort(self, answer["listenId"], family, factory, host)
