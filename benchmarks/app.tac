@@ -186,6 +186,20 @@ def webSite():
 
                 d.addCallback(finish)
                 return server.NOT_DONE_YET
+            if request.path.startswith(b"/chunk"):
+
+                def chunk(left):
+                    end = time.perf_counter() + 0.001
+                    while time.perf_counter() < end:
+                        pass
+                    if left > 1 and not request._disconnected:
+                        reactor.callLater(0, chunk, left - 1)
+                    elif not request.finished and not request._disconnected:
+                        request.write(b"hello\n")
+                        request.finish()
+
+                chunk(random.randint(4, 20))
+                return server.NOT_DONE_YET
             if request.path.startswith(b"/block"):
                 blockForAWhile()
             return b"hello\n"

@@ -927,8 +927,11 @@ def build_flood(tmp: str) -> list[str]:
 
 
 def check_python(python: str) -> None:
-    probe = subprocess.run([python, "-c", "import twisted, attrs, zope.interface"], capture_output=True,
-                           text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    try:
+        probe = subprocess.run([python, "-c", "import twisted, attrs, zope.interface"], capture_output=True,
+                               text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    except OSError as e:
+        raise BenchError(f"cannot run {python}: {e}")
     if probe.returncode != 0:
         raise BenchError(f"{python} cannot import Twisted/attrs (use --python, e.g. /tmp/venv/bin/python): "
                          f"{probe.stderr.strip().splitlines()[-1:]}")
@@ -991,6 +994,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write every raw result to this file")
     p.add_argument("--flood-client", nargs=4, metavar=("HOST", "PORT", "CONC", "SECONDS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.workers < 1 or args.connections < 1:
+        p.error("--workers and --connections must be at least 1")
 
     if args.flood_client:
         h, port, conc, secs = args.flood_client
