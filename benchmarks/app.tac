@@ -8,7 +8,8 @@ Two listening ports, both on 127.0.0.1:
     unless the request says C{Connection: close}).  Every response carries
     C{X-Worker: <pid>}.  C{/slow} answers after a non-blocking 50-200 ms
     (C{deferLater}); C{/block} blocks the process for 2-10 ms of CPU first
-    (a handler that does synchronous work); C{/chunk} does 4-20 ms of CPU in
+    (a handler that does synchronous work); C{/stall} blocks the reactor for
+    20-60 ms in a sleeping synchronous call; C{/chunk} does 4-20 ms of CPU in
     1 ms slices with a reactor turn between them (cooperative heavy work,
     the mixed workload's slow requests).
   - C{$BENCH_FLOOD_PORT}: closes every connection as soon as it arrives
@@ -73,6 +74,12 @@ KEEP = _response(False)
 CLOSE = _response(True)
 
 
+def stallForAWhile():
+    # 20-60 ms blocked in a synchronous call (a slow database driver, say):
+    # the worker's reactor does nothing else meanwhile.
+    time.sleep(random.uniform(0.020, 0.060))
+
+
 def blockForAWhile():
     # 2-10 ms of CPU: the handler does synchronous work.
     end = time.perf_counter() + random.uniform(0.002, 0.010)
@@ -122,6 +129,8 @@ class Http(protocol.Protocol):
                 return
             if path.startswith(b"/block"):
                 blockForAWhile()
+            elif path.startswith(b"/stall"):
+                stallForAWhile()
             self._answer(close)
             if close:
                 return

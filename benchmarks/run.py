@@ -961,18 +961,26 @@ def versions(cfg) -> str:
 MIXED_PATHS = {
     "/chunk": "4-20 ms of CPU in 1 ms slices, a reactor turn between slices",
     "/block": "blocks the worker for 2-10 ms",
+    "/stall": "blocks the worker for 20-60 ms in a sleeping synchronous call",
     "/slow": "answers after a non-blocking 50-200 ms deferLater",
 }
 
+#: The share of a mixed workload's requests that go to its slow path.
+MIXED_SHARES = {"/stall": 0.01}
+
 MIXED_LUA = """
--- 90 % fast requests, 10 % to %s
+-- most requests fast, SHARE of them to PATH
 request = function()
-  if math.random() < 0.10 then
-    return wrk.format("GET", "%s")
+  if math.random() < SHARE then
+    return wrk.format("GET", "PATH")
   end
   return wrk.format("GET", "/")
 end
 """
+
+
+def mixedShare(path: str) -> float:
+    return MIXED_SHARES.get(path, 0.10)
 
 
 def main(argv=None) -> int:
@@ -986,9 +994,9 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=32, help="wrk -c, flood concurrency, long-lived count")
     p.add_argument("--python", default=None, help="interpreter for the Twisted contenders (default: this one)")
     p.add_argument("--app", choices=("raw", "web"), default="raw", help="raw protocol (default) or twisted.web")
-    p.add_argument("--mixed", default="/chunk,/block",
+    p.add_argument("--mixed", default="/chunk,/stall",
                    help="comma-separated slow paths for the mixed workload, each a separate measurement: "
-                        "/chunk, /block, /slow (default /chunk,/block)")
+                        "/chunk, /block, /stall, /slow (default /chunk,/stall)")
     p.add_argument("--only", default="", help="comma-separated contender names to run (e.g. 'txcluster rr,node rr')")
     p.add_argument("--no-node", action="store_true", help="skip the Node contenders")
     p.add_argument("--json", help="also write every raw result to this file")
@@ -1038,7 +1046,7 @@ def main(argv=None) -> int:
         for path in cfg.mixed_paths:
             cfg.mixed_scripts[path] = os.path.join(cfg.tmp, f"mixed{path.replace('/', '_')}.lua")
             with open(cfg.mixed_scripts[path], "w") as f:
-                f.write(MIXED_LUA.replace("%s", path))
+                f.write(MIXED_LUA.replace("PATH", path).replace("SHARE", repr(mixedShare(path))))
 
         full = {"keepalive", "close", "flood", "long"}
         contenders = [
@@ -1081,7 +1089,8 @@ def main(argv=None) -> int:
         print()
         print(f"txcluster benchmark — {versions(cfg)}")
         for path in cfg.mixed_paths:
-            print(f"mixed {path}: Connection: close, 90 % GET /, 10 % GET {path} ({MIXED_PATHS[path]})")
+            share = round(100 * mixedShare(path))
+            print(f"mixed {path}: Connection: close, {100 - share} % GET /, {share} % GET {path} ({MIXED_PATHS[path]})")
         if rss8:
             print(f"txcluster rr with 8 workers: master RSS {rss8['master_rss']:.1f} MB, "
                   f"largest worker {fmt(rss8['worker_rss'], '.1f')} MB")

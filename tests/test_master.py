@@ -1582,6 +1582,22 @@ class ConnectionTests(ClusterTestsMixin, SynchronousTestCase):
         self.connect()
         self.assertEqual([len(self.worker(i).connections) for i in (1, 2)], [0, 1])
 
+    def test_leastBusyLoadFromAnswers(self) -> None:
+        """
+        A NewConn answer carries the worker's load: least-busy dispatch
+        uses it without waiting for a LoadReport.
+        """
+        self.readyCluster(2, listens=[LOCAL], scheduling="least-busy")
+        first = self.worker(1)
+        first.holding.add(NewConn)
+        self.connect()
+        (newConn,) = first.unanswered(NewConn)
+        newConn.takeConnections(connections=20)
+        first.holding.discard(NewConn)
+        self.connect()
+        self.connect()
+        self.assertEqual([len(self.worker(i).connections) for i in (1, 2)], [1, 2])
+
     def test_secondListenOnTheSameAddress(self) -> None:
         """
         A worker's second listen on an address (index 1) is a second socket,

@@ -477,11 +477,27 @@ class LeastBusyTests(SynchronousTestCase):
         Connections sent and not answered count towards a worker's load.
         """
         dispatcher = joined("a", "b", policy=LEAST_BUSY, window=4)
-        dispatcher.reportLoad("b", 2)
-        self.assertEqual(only(dispatcher.accepted([1])).worker, "a")
-        self.assertEqual(only(dispatcher.accepted([2])).worker, "a")
-        self.assertEqual(only(dispatcher.accepted([3])).worker, "b")
-        self.assertEqual([m.inFlight for m in dispatcher.statistics().members], [2, 1])
+        dispatcher.reportLoad("b", 3)
+        (first,) = dispatcher.accepted([1, 2])
+        self.assertEqual((first.worker, first.connections), ("a", (1, 2)))
+        dispatcher.answered(first, 2)
+        self.assertEqual([m.estimate for m in dispatcher.statistics().members], [2, 3])
+        self.assertEqual(only(dispatcher.accepted([3])).worker, "a")
+        self.assertEqual([m.inFlight for m in dispatcher.statistics().members], [1, 0])
+
+    def test_answeringWorkersFirst(self):
+        """
+        A worker that has not answered its last handoff (its reactor may be
+        stuck in a slow call) gets nothing while a worker that answered
+        everything can take connections, even with a higher count.
+        """
+        dispatcher = joined("a", "b", policy=LEAST_BUSY, window=4)
+        dispatcher.reportLoad("b", 5)
+        stuck = only(dispatcher.accepted([1]))
+        self.assertEqual(stuck.worker, "a")
+        self.assertEqual(only(dispatcher.accepted([2])).worker, "b")
+        # Once both wait for answers, the count decides again.
+        self.assertEqual(only(dispatcher.accepted([3])).worker, "a")
 
     def test_reportResetsTakenSinceReport(self):
         """

@@ -186,8 +186,9 @@ class ListenTests(unittest.SynchronousTestCase):
 
     def test_leastBusyReportsLoad(self):
         """
-        On a least-busy handle, the worker reports its open connections,
-        at most once per reactor turn.
+        On a least-busy handle, the worker reports its open connections when
+        some closed (openings travel in NewConn answers), at most every
+        LOAD_REPORT_INTERVAL.
         """
         worker = fakeWorker({("tcp4", 0, 0): {"listenId": 9, "scheduling": "least-busy", "host": "127.0.0.1", "port": 5000, "fd": None}})
         worker.listenStream("tcp4", "", 0, Factory())
@@ -199,9 +200,14 @@ class ListenTests(unittest.SynchronousTestCase):
         connections = [Connection() for _ in range(3)]
         for c in connections:
             worker._tracker.track(c)
+        worker.reactor.advance(1)
+        self.assertEqual(worker.channel.sent(_commands.LoadReport), [])
         connections[0].connectionLost(None)
-        worker.reactor.advance(0)
-        self.assertEqual(worker.channel.sent(_commands.LoadReport), [{"connections": 2}])
+        connections[1].connectionLost(None)
+        worker.reactor.advance(_commands.LOAD_REPORT_INTERVAL / 2)
+        self.assertEqual(worker.channel.sent(_commands.LoadReport), [])
+        worker.reactor.advance(_commands.LOAD_REPORT_INTERVAL)
+        self.assertEqual(worker.channel.sent(_commands.LoadReport), [{"connections": 1}])
 
 
 class AdoptionTests(unittest.SynchronousTestCase):

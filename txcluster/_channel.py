@@ -37,6 +37,7 @@ from txcluster._commands import (
     ListenRefused,
     Listening,
     LoadReport,
+    NewConn,
     Online,
     QueryServer,
     Ready,
@@ -44,6 +45,8 @@ from txcluster._commands import (
     UnknownListen,
 )
 from txcluster._policy import FailureWindow
+
+_DESCRIPTORS = NewConn.arguments[1][1]
 
 if TYPE_CHECKING:
     from txcluster._master import ClusterService, _Process
@@ -396,6 +399,31 @@ class MasterChannel(amp.AMP):
         return {}
 
     # Commands to the worker -------------------------------------------------
+
+    def sendConnections(self, listenId: int, fds: list) -> defer.Deferred:
+        """
+        Send L{NewConn}: the hot path of every handoff, so it goes through
+        AMP's low-level C{callRemoteString} (the same box on the wire,
+        without the per-argument object machinery).
+
+        @return: a Deferred firing with how many connections the worker
+            took; a malformed answer is misbehaviour and fails it with
+            L{ConnectionLost} (the connections go to another worker).
+        """
+        ordinals = _DESCRIPTORS.toStringProto(fds, self)
+        d = self.callRemoteString(NewConn.commandName, listenId=b"%d" % listenId, fds=ordinals)
+        return d.addCallback(self._acceptedCount)
+
+    def _acceptedCount(self, box) -> int:
+        try:
+            accepted = int(box[b"accepted"])
+            connections = box.get(b"connections")
+            if connections is not None:
+                self._cluster._table.reportLoad(self.process, max(0, int(connections)))
+            return accepted
+        except (KeyError, ValueError) as e:
+            self._misbehave(f"sent a malformed answer to NewConn ({_parseProblem(e)})")
+            raise ConnectionLost("the worker's answer to NewConn was malformed") from None
 
     def callRemote(self, commandType, *a, **kw):
         """

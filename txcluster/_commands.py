@@ -23,6 +23,9 @@ CHANNEL_FD = 3
 #: The file descriptor number of the structured log pipe in a worker.
 LOG_FD = 4
 
+#: The shortest time between two L{LoadReport}s from one worker.
+LOAD_REPORT_INTERVAL = 0.01
+
 #: The most file descriptors one C{sendmsg} may carry on Linux (SCM_MAX_FD).
 MAX_FDS_PER_MESSAGE = 253
 
@@ -166,8 +169,9 @@ class Ready(amp.Command):
 
 class LoadReport(amp.Command):
     """
-    The number of connections the worker has open, sent when it changes (at
-    most once per reactor iteration).  Used by C{least-busy} dispatch.
+    The number of connections the worker has open, sent when it changed and
+    no L{NewConn} answer said so, at most every C{LOAD_REPORT_INTERVAL}
+    seconds.  Used by C{least-busy} dispatch.
     """
 
     arguments = [(b"connections", amp.Integer())]
@@ -191,10 +195,12 @@ class NewConn(amp.Command):
     Accepted connections for C{listenId}.  The worker adopts them in order
     and answers how many it took: C{fds[:accepted]} are the worker's now (the
     master closes its copies); the rest are refused and go to another worker.
+    C{connections} is how many connections the worker had open before these
+    (the load C{least-busy} dispatch uses, fresh with every answer).
     """
 
     arguments = [(b"listenId", amp.Integer()), (b"fds", DescriptorList())]
-    response = [(b"accepted", amp.Integer())]
+    response = [(b"accepted", amp.Integer()), (b"connections", amp.Integer(optional=True))]
 
 
 class Disconnect(amp.Command):

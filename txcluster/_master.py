@@ -29,7 +29,6 @@ from txcluster._commands import (
     BindFailed,
     Disconnect,
     ListenRefused,
-    NewConn,
     Ping,
     ToWorker,
     UnknownListen,
@@ -1165,11 +1164,10 @@ class ClusterService(service.Service):
         return process.channel.callRemote(ToWorker, message=text).addCallback(lambda _: None)
 
     def _sendConnections(self, process: _Process, listenId: int, fds: list) -> defer.Deferred:
-        d = process.channel.callRemote(NewConn, listenId=listenId, fds=fds)
+        d = process.channel.sendConnections(listenId, fds)
         return d.addCallback(self._taken, process, len(fds))
 
-    def _taken(self, answer: dict, process: _Process, sent: int) -> int:
-        accepted = answer["accepted"]
+    def _taken(self, accepted: int, process: _Process, sent: int) -> int:
         if not 0 <= accepted <= sent:
             self._misbehaved(process, f"said it took {accepted} of {sent} connections")
             accepted = sent

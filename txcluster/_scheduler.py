@@ -106,7 +106,7 @@ class Dispatcher(Generic[Conn]):
     fast answer does not drain the whole queue into one worker); with
     C{policy="least-busy"} each connection goes to the worker with the fewest
     open connections (as reported, plus taken since the report, plus in
-    flight).
+    flight), preferring workers that have answered every handoff.
 
     Every method returns the list of actions to carry out, in order.
     """
@@ -308,15 +308,18 @@ class Dispatcher(Generic[Conn]):
         return batches
 
     def _leastBusyBatches(self, candidates: list[_Member]) -> list:
-        heap = [(m.estimate(), rank, m) for rank, m in enumerate(candidates)]
+        # A worker that has not answered its last handoff is probably busy
+        # (its reactor may be stuck in a slow call), whatever its count
+        # says: workers that have answered everything come first.
+        heap = [(bool(m.outstanding), m.estimate(), rank, m) for rank, m in enumerate(candidates)]
         heapq.heapify(heap)
         batches: dict[Hashable, list] = {}
         while self._pending and heap:
-            load, rank, member = heapq.heappop(heap)
+            waiting, load, rank, member = heapq.heappop(heap)
             batch = batches.setdefault(member.worker, [])
             batch.append(self._pending.popleft())
             if len(batch) < self._maxBatch:
-                heapq.heappush(heap, (load + 1, rank, member))
+                heapq.heappush(heap, (waiting, load + 1, rank, member))
         # Ties go to the next worker in turn after the last one served.
         self._next = list(self._members).index(member.worker) + 1
         byId = {m.worker: m for m in candidates}

@@ -50,6 +50,8 @@ from txcluster._commands import (
     WorkerCount,
 )
 
+_FDS = NewConn.arguments[1][1]
+
 #: How long a listen waits for the master's answer before giving up.
 QUERY_TIMEOUT = 30.0
 
@@ -165,8 +167,29 @@ class WorkerChannel(amp.AMP):
             if amp.COMMAND in box and (self._holdDepth or self._held):
                 self._held.append(box)
                 self._scheduleReplay()
+            elif box.get(amp.COMMAND) == b"NewConn":
+                self._newConnBox(box)
             else:
                 amp.AMP.ampBoxReceived(self, box)
+
+    def _newConnBox(self, box) -> None:
+        # The hot path: NewConn's arguments parsed and its answer sent
+        # directly, without the responder's Deferred and locator machinery.
+        # Anything unexpected takes the general path, which answers errors.
+        try:
+            listenId = int(box[b"listenId"])
+            fds = _FDS.fromStringProto(box[b"fds"], self)
+        except Exception:
+            amp.AMP.ampBoxReceived(self, box)
+            return
+        before = self._worker.openConnections
+        accepted = self._worker._adopt(listenId, fds)
+        self._flushSoon = True
+        ask = box.get(amp.ASK)
+        if ask is not None:
+            self.sendBox(
+                amp.AmpBox({amp.ANSWER: ask, b"accepted": b"%d" % accepted, b"connections": b"%d" % before})
+            )
 
     def _scheduleReplay(self) -> None:
         if self._held and not self._holdDepth and not self._replayScheduled:
@@ -193,7 +216,8 @@ class WorkerChannel(amp.AMP):
     @NewConn.responder
     def newConn(self, listenId: int, fds: list) -> dict:
         self._flushSoon = True
-        return {"accepted": self._worker._adopt(listenId, fds)}
+        before = self._worker.openConnections
+        return {"accepted": self._worker._adopt(listenId, fds), "connections": before}
 
     @Disconnect.responder
     def disconnect(self, timeout: float) -> dict:
@@ -656,9 +680,11 @@ class Worker:
         return self.channel.callRemote(Close, listenId=listenId).addErrback(lambda f: None)
 
     def _connectionsChanged(self, delta: int) -> None:
-        if self._reportLoad and not self._reportScheduled:
+        # Openings are reported by NewConn answers; a close is reported by
+        # a LoadReport, at most every LOAD_REPORT_INTERVAL.
+        if self._reportLoad and delta < 0 and not self._reportScheduled:
             self._reportScheduled = True
-            self.reactor.callLater(0, self._sendLoad)
+            self.reactor.callLater(_commands.LOAD_REPORT_INTERVAL, self._sendLoad)
         if delta < 0:
             self._checkDrained()
 

@@ -443,16 +443,20 @@ class ReceivedCommand:
             self._deferred.errback(exception)
             self._worker.flush()
 
-    def takeConnections(self, count: Optional[int] = None) -> None:
+    def takeConnections(self, count: Optional[int] = None, connections: Optional[int] = None) -> None:
         """
         Answer a L{NewConn}: the worker takes the first C{count} descriptors
         (all by default; they join L{FakeWorker.connections}) and refuses
-        (closes) the rest.
+        (closes) the rest.  C{connections}, when given, is the load the
+        answer reports (open connections before these).
         """
         fds = self.arguments["fds"]
         count = len(fds) if count is None else count
         self._worker._takeConnections(fds, count)
-        self.answer(accepted=count)
+        if connections is None:
+            self.answer(accepted=count)
+        else:
+            self.answer(accepted=count, connections=connections)
 
     def __repr__(self) -> str:
         return f"<ReceivedCommand {self.command.__name__} {self.arguments!r}>"
