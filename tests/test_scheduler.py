@@ -485,20 +485,6 @@ class LeastBusyTests(SynchronousTestCase):
         self.assertEqual(only(dispatcher.accepted([3])).worker, "a")
         self.assertEqual([m.inFlight for m in dispatcher.statistics().members], [1, 0])
 
-    def test_answeringWorkersFirst(self):
-        """
-        A worker that has not answered its last handoff (its reactor may be
-        stuck in a slow call) gets nothing while a worker that answered
-        everything can take connections, even with a higher count.
-        """
-        dispatcher = joined("a", "b", policy=LEAST_BUSY, window=4)
-        dispatcher.reportLoad("b", 5)
-        stuck = only(dispatcher.accepted([1]))
-        self.assertEqual(stuck.worker, "a")
-        self.assertEqual(only(dispatcher.accepted([2])).worker, "b")
-        # Once both wait for answers, the count decides again.
-        self.assertEqual(only(dispatcher.accepted([3])).worker, "a")
-
     def test_reportResetsTakenSinceReport(self):
         """
         A new report replaces the count of connections taken since the last

@@ -54,10 +54,10 @@ if TYPE_CHECKING:
 _log = Logger(namespace="txcluster.master")
 
 #: Commands per second a worker may send, sustained.  A worker sends a
-#: handful of commands per listen, a L{LoadReport} per reactor iteration at
-#: most (about one per two connections under load), and the application's
-#: L{ToMaster} messages; the master parses some 25,000 commands a second in
-#: all, so a worker at this rate would already take 40 % of it.
+#: handful of commands per listen, at most 100 L{LoadReport}s a second, and
+#: the application's L{ToMaster} messages; the master parses some 25,000
+#: commands a second in all, so a worker at this rate would already take
+#: 40 % of it.
 COMMAND_RATE = 10_000.0
 
 #: Commands a worker may send at once on top of L{COMMAND_RATE}: in any

@@ -17,6 +17,7 @@ from twisted.internet.error import ConnectionClosed
 from twisted.logger import Logger
 
 from txcluster._scheduler import (
+    DEFAULT_WINDOW,
     LEAST_BUSY,
     ROUND_ROBIN,
     Dispatcher,
@@ -99,7 +100,7 @@ class HandleTable:
         reactor,
         scheduling: str,
         sendConnections: Callable[[Hashable, int, list], defer.Deferred],
-        window: int = 2,
+        window: int = DEFAULT_WINDOW,
         maxBatch: int = 253,
         maxPending: int = 1024,
         resourcePause: float = 0.5,

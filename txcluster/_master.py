@@ -36,6 +36,7 @@ from txcluster._commands import (
 )
 from txcluster._channel import MasterChannel
 from txcluster._handles import SCHEDULING, HandleTable, HandleStatistics
+from txcluster._scheduler import DEFAULT_WINDOW
 from txcluster._policy import FailureWindow, requestLimit, restartDelay
 from txcluster._process import WorkerOutput, spawnWorker
 from txcluster._access import ListenPolicy, normalizeAddress, parseDeclared, parsePattern, workerIdentity
@@ -275,7 +276,7 @@ class ClusterService(service.Service):
         onGiveUp: Optional[Callable[[int], None]] = None,
         logPublisher: Callable[[dict], None] = globalLogPublisher,
         restartPolicy: Callable[[int], float] = None,
-        handoffWindow: int = 2,
+        handoffWindow: int = DEFAULT_WINDOW,
     ) -> None:
         self.config = config
         self._reactorArg = reactor

@@ -24,6 +24,11 @@ Conn = TypeVar("Conn", bound=Hashable)
 ROUND_ROBIN = "rr"
 LEAST_BUSY = "least-busy"
 
+#: Handoffs a worker may have unanswered.  Enough that a burst of
+#: long-lived connections splits evenly even while a worker is busy serving
+#: the first ones; few enough that a stuck worker holds little.
+DEFAULT_WINDOW = 8
+
 
 @frozen(eq=False)
 class Handoff(Generic[Conn]):
@@ -106,13 +111,13 @@ class Dispatcher(Generic[Conn]):
     fast answer does not drain the whole queue into one worker); with
     C{policy="least-busy"} each connection goes to the worker with the fewest
     open connections (as reported, plus taken since the report, plus in
-    flight), preferring workers that have answered every handoff.
+    flight).
 
     Every method returns the list of actions to carry out, in order.
     """
 
     def __init__(
-        self, policy: str = ROUND_ROBIN, window: int = 2, maxBatch: int = 253
+        self, policy: str = ROUND_ROBIN, window: int = DEFAULT_WINDOW, maxBatch: int = 253
     ) -> None:
         if policy not in (ROUND_ROBIN, LEAST_BUSY):
             raise ValueError(f"unknown dispatch policy {policy!r}")
@@ -308,18 +313,15 @@ class Dispatcher(Generic[Conn]):
         return batches
 
     def _leastBusyBatches(self, candidates: list[_Member]) -> list:
-        # A worker that has not answered its last handoff is probably busy
-        # (its reactor may be stuck in a slow call), whatever its count
-        # says: workers that have answered everything come first.
-        heap = [(bool(m.outstanding), m.estimate(), rank, m) for rank, m in enumerate(candidates)]
+        heap = [(m.estimate(), rank, m) for rank, m in enumerate(candidates)]
         heapq.heapify(heap)
         batches: dict[Hashable, list] = {}
         while self._pending and heap:
-            waiting, load, rank, member = heapq.heappop(heap)
+            load, rank, member = heapq.heappop(heap)
             batch = batches.setdefault(member.worker, [])
             batch.append(self._pending.popleft())
             if len(batch) < self._maxBatch:
-                heapq.heappush(heap, (waiting, load + 1, rank, member))
+                heapq.heappush(heap, (load + 1, rank, member))
         # Ties go to the next worker in turn after the last one served.
         self._next = list(self._members).index(member.worker) + 1
         byId = {m.worker: m for m in candidates}
