@@ -95,6 +95,22 @@ class SignalTests(unittest.TestCase):
         for pid in master.workerPids().values():
             self.assertFalse(pidAlive(pid))
 
+    async def test_processTitles(self):
+        """
+        ps shows each process's role: the master and each worker, with its
+        id, name themselves and the application.
+        """
+        master = MasterProcess(self, ["--app", app("whoami.tac"), "--workers", "2"])
+        await master.waitFor(r"worker \d \(pid \d+\) ready", count=2)
+
+        def title(pid):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode().strip()
+
+        self.assertEqual(title(master.pid), "txcluster master [whoami.tac]")
+        for workerId, pid in master.workerPids().items():
+            self.assertEqual(title(pid), f"txcluster worker {workerId} [whoami.tac]")
+
     async def test_masterKilledTakesWorkersWithIt(self):
         """
         When the master is SIGKILLed, every worker notices its channel
