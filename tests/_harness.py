@@ -712,3 +712,18 @@ def stopProcess(pid: int, timeout: float = 2.0) -> bool:
             return state in ("T", "t")
         time.sleep(0.001)
     return False
+
+
+def socketPath(testCase, name: str = "s.sock") -> str:
+    """
+    A UNIX socket path in a fresh directory under the system's temporary
+    directory (removed after the test): trial's own temporary directory,
+    below a checkout anywhere, can exceed the 107 bytes a socket path may
+    have.
+    """
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="txc-")
+    testCase.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, name)

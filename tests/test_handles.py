@@ -22,6 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from txcluster._handles import SHARED, HandleTable
 from txcluster._sockets import ListenKey
 
+from tests._harness import socketPath
+
 
 class FakeHandoffs:
     """
@@ -211,8 +213,7 @@ class BindTests(HandleTableTestsMixin, SynchronousTestCase):
         """
         A UNIX key binds its path with the mode asked for.
         """
-        path = os.path.join(self.mktemp() + ".d", "s.sock")
-        os.makedirs(os.path.dirname(path))
+        path = socketPath(self)
         table = self.makeTable()
         handle = table.query("w1", ListenKey("unix", path, 0, 0), mode=0o600)
         self.assertEqual(handle.describe(), f"unix:{path}")
@@ -598,8 +599,7 @@ class CloseTests(HandleTableTestsMixin, SynchronousTestCase):
         """
         Closing a UNIX socket's handle removes its path.
         """
-        path = os.path.join(self.mktemp() + ".d", "s.sock")
-        os.makedirs(os.path.dirname(path))
+        path = socketPath(self)
         table = self.makeTable()
         handle = table.query("w1", ListenKey("unix", path, 0, 0))
         self.assertTrue(os.path.exists(path))
@@ -697,8 +697,7 @@ class ShutdownTests(HandleTableTestsMixin, SynchronousTestCase):
         C{closeAll} closes every socket and releases every waiting
         connection.
         """
-        path = os.path.join(self.mktemp() + ".d", "s.sock")
-        os.makedirs(os.path.dirname(path))
+        path = socketPath(self)
         table = self.makeTable()
         tcp = table.query("w1", self.tcpKey())
         unix = table.query("w1", ListenKey("unix", path, 0, 0))

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from txcluster import WorkerExited, WorkerListening, WorkerMessage
 
-from tests._harness import app, listeningPort, sleep, startCluster, tcp, unix, whoami, workerOf
+from tests._harness import app, listeningPort, sleep, socketPath, startCluster, tcp, unix, whoami, workerOf
 
 
 class TCPTests(unittest.TestCase):
@@ -78,7 +78,7 @@ class OtherTransportTests(unittest.TestCase):
         A UNIX socket listen is bound once by the master and served by every
         worker; the socket file goes away when the cluster stops.
         """
-        path = os.path.abspath(self.mktemp() + ".sock")
+        path = socketPath(self)
         cluster, events = await startCluster(self, app("whoami.tac"), workers=2, env={"WHOAMI_LISTEN": f"unix:{path}"})
         await events.waitCount(WorkerListening, 2)
         self.assertEqual({e.address for e in events.of(WorkerListening)}, {f"unix:{path}"})

@@ -29,6 +29,8 @@ from txcluster._worker import (
     _osError,
 )
 
+from tests._harness import socketPath
+
 
 class FakeChannel:
     """
@@ -577,7 +579,7 @@ class SharedUNIXPortTests(unittest.TestCase):
         Starting and stopping a shared UNIX port keeps the socket file, its
         permissions, and the master's listening socket working.
         """
-        path = os.path.abspath(self.mktemp())
+        path = socketPath(self)
         master = socket.socket(socket.AF_UNIX)
         self.addCleanup(master.close)
         master.bind(path)

@@ -35,6 +35,7 @@ Modules:
   - C{_access}: declared listens and the C{--allow-listen} policy.
   - C{_process}: spawning a worker and relaying its output.
   - C{_channel}: the master's end of a worker's AMP channel.
+  - C{_deferreds}: Deferreds several callers wait on.
   - C{_master}: the master service and its supervision.
   - C{_worker}, C{_intercept}, C{_workermain}: the worker side.
 """

@@ -33,6 +33,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from txcluster._commands import (
+    closeUnclaimedDescriptors,
     Close,
     ListenRefused,
     Listening,
@@ -214,12 +215,7 @@ class MasterChannel(amp.AMP):
         self.drop("the worker misbehaved")
 
     def _closeDescriptors(self) -> None:
-        for fd in self._descriptors.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._descriptors.clear()
+        closeUnclaimedDescriptors(self)
 
     # Framing ---------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 """
 The master/worker protocol: every AMP command txcluster speaks, on one screen.
 
-Both processes import this module; it holds declarations only.  Internal
+Both processes import this module; it holds declarations (and the one
+rule both ends share about unclaimed descriptors).  Internal
 commands and user messages are different commands, so a user message can
 never be mistaken for an internal one.
 
@@ -14,6 +15,8 @@ L{WorkerCount}.
 
 See C{docs/protocol.md} for the prose version.
 """
+
+import os
 
 from twisted.protocols import amp
 
@@ -58,6 +61,19 @@ class DescriptorList(amp.Argument):
         if not inString:
             return []
         return [self._one.fromStringProto(part, proto) for part in inString.split(b",")]
+
+
+def closeUnclaimedDescriptors(proto: amp.AMP) -> None:
+    """
+    Close the descriptors C{proto} received for boxes it never processed
+    (the channel closed mid-box): nothing else ever will.
+    """
+    for fd in proto._descriptors.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    proto._descriptors.clear()
 
 
 class BindFailed(Exception):

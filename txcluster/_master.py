@@ -39,6 +39,7 @@ from txcluster._handles import SCHEDULING, HandleTable, HandleStatistics
 from txcluster._scheduler import DEFAULT_WINDOW
 from txcluster._policy import FailureWindow, requestLimit, restartDelay
 from txcluster._process import WorkerOutput, spawnWorker
+from txcluster._deferreds import observe
 from txcluster._access import ListenPolicy, normalizeAddress, parseDeclared, parsePattern, workerIdentity
 from txcluster._sockets import KINDS, ListenKey
 
@@ -387,7 +388,7 @@ class ClusterService(service.Service):
         super().stopService()
         if self._stopping is None:
             self._stopping = defer.ensureDeferred(self._stop())
-        return _chain(self._stopping)
+        return observe(self._stopping)
 
     async def _stop(self) -> None:
         _log.info(
@@ -421,7 +422,7 @@ class ClusterService(service.Service):
         processes = list(self._processes)
         for process in processes:
             self._drain(process, "stop", remaining)
-        await defer.DeferredList([_chain(p.exited) for p in processes])
+        await defer.DeferredList([observe(p.exited) for p in processes])
         if self._table is not None:
             self._table.closeAll()
         self._slots.clear()
@@ -517,7 +518,7 @@ class ClusterService(service.Service):
             return defer.fail(ClusterStopped("the cluster is stopping"))
         if self._reloading is not None:
             _log.info("reload requested while one is running: it continues")
-            return _chain(self._reloading)
+            return observe(self._reloading)
         # _reload() may finish at once (nothing to replace, a spawn that
         # fails), and then finished() has cleared self._reloading already.
         reloading = self._reloading = defer.ensureDeferred(self._reload())
@@ -527,7 +528,7 @@ class ClusterService(service.Service):
             return result
 
         reloading.addBoth(finished)
-        return _chain(reloading)
+        return observe(reloading)
 
     async def _reload(self) -> None:
         slots = sorted(self._slots)
@@ -560,7 +561,7 @@ class ClusterService(service.Service):
         if failures:
             _log.error("reload aborted: {why}; the remaining old workers keep serving", why=failures[0])
             raise ReloadFailed(str(failures[0]))
-        await defer.DeferredList([_chain(p.exited) for p in olds])
+        await defer.DeferredList([observe(p.exited) for p in olds])
         _log.info("reload complete: {count} workers replaced", count=len(olds))
 
     def scale(self, count: int) -> defer.Deferred:
@@ -680,7 +681,7 @@ class ClusterService(service.Service):
             # Nothing is left to replace: the reload or recycle waiting
             # for this slot is done with it.
             state.done.callback(None)
-        return _chain(process.exited)
+        return observe(process.exited)
 
     def _broadcastCount(self) -> None:
         count = self._target
@@ -1281,23 +1282,6 @@ def _firstFailure(failure: Failure) -> Failure:
 def _cancel(call) -> None:
     if call is not None and call.active():
         call.cancel()
-
-
-def _chain(d: defer.Deferred) -> defer.Deferred:
-    """
-    A new Deferred with C{d}'s result, leaving C{d}'s own result alone.
-    """
-    result = defer.Deferred()
-
-    def done(value):
-        if isinstance(value, Failure):
-            result.errback(value)
-        else:
-            result.callback(value)
-        return None if isinstance(value, Failure) else value
-
-    d.addBoth(done)
-    return result
 
 
 def _exitProcessAfterReactor(reactor, code: int) -> None:

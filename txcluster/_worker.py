@@ -33,7 +33,9 @@ from twisted.python.components import proxyForInterface
 from zope.interface import implementer
 
 from txcluster import _commands
+from txcluster._deferreds import observe
 from txcluster._commands import (
+    closeUnclaimedDescriptors,
     BindFailed,
     Close,
     Disconnect,
@@ -245,12 +247,7 @@ class WorkerChannel(amp.AMP):
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
     def connectionLost(self, reason) -> None:
-        for fd in self._descriptors.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._descriptors.clear()
+        closeUnclaimedDescriptors(self)
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
         self._worker._masterGone(reason)
@@ -361,7 +358,7 @@ class DispatchedPort:
             self.listening = False
             self._closed = self._worker._close(self)
             self._closed.addBoth(lambda _: self.factory.doStop())
-        return _chain(self._closed)
+        return observe(self._closed)
 
     loseConnection = stopListening
 
@@ -398,7 +395,7 @@ class AdoptedPort:
             local = defer.maybeDeferred(self._port.stopListening)
             self._closed = defer.gatherResults([local, self._worker._close(self)], consumeErrors=True)
             self._closed.addBoth(lambda _: None)
-        return _chain(self._closed)
+        return observe(self._closed)
 
     loseConnection = stopListening
 
@@ -433,17 +430,6 @@ class SharedUNIXPort(unix.Port):
 
     def connectionLost(self, reason) -> None:
         tcp.Port.connectionLost(self, reason)
-
-
-def _chain(d: defer.Deferred) -> defer.Deferred:
-    result = defer.Deferred()
-
-    def done(value):
-        result.callback(None)
-        return value
-
-    d.addBoth(done)
-    return result
 
 
 class Worker:
@@ -531,7 +517,7 @@ class Worker:
         @return: a Deferred that fires once the connections are drained.
         """
         if self._drained is not None:
-            return _chain(self._drained)
+            return observe(self._drained)
         self.disconnecting = True
         self._drained = defer.Deferred()
         _log.info(
@@ -559,7 +545,7 @@ class Worker:
             return result
 
         self._drained.addCallback(done)
-        return _chain(self._drained)
+        return observe(self._drained)
 
     # Listening ------------------------------------------------------------
 
