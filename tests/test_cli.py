@@ -111,6 +111,16 @@ class SignalTests(unittest.TestCase):
         for workerId, pid in master.workerPids().items():
             self.assertEqual(title(pid), f"txcluster worker {workerId} [whoami.tac]")
 
+    async def test_workersRunTheMastersReactor(self):
+        """
+        The workers run the kind of reactor twistd was given (--reactor).
+        """
+        master = MasterProcess(self, ["--app", app("whoami.tac"), "--workers", "1"], twistdArgs=("--reactor", "poll"))
+        await master.waitFor(r"worker 1 \(pid \d+\) ready")
+        text = master.output.text()
+        self.assertIn("reactor class: twisted.internet.pollreactor.PollReactor", text)
+        self.assertRegex(text, r"worker 1 \(pid \d+\) loading .*whoami\.tac with PollReactor")
+
     async def test_masterKilledTakesWorkersWithIt(self):
         """
         When the master is SIGKILLed, every worker notices its channel

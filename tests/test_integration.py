@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from txcluster import WorkerExited, WorkerListening, WorkerMessage
 
-from tests._harness import app, listeningPort, sleep, socketPath, startCluster, tcp, unix, whoami, workerOf
+from tests._harness import app, freePort, listeningPort, sleep, socketPath, startCluster, tcp, unix, whoami, workerOf
 
 
 class TCPTests(unittest.TestCase):
@@ -68,6 +68,21 @@ class TCPTests(unittest.TestCase):
         port = listeningPort(events)
         seen = {workerOf(await whoami(tcp(port))) for _ in range(4)}
         self.assertEqual(seen, {1, 2})
+
+
+class ExclusiveTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_exclusiveBindsInTheWorker(self):
+        """
+        A listen with an exclusive factory binds in the worker itself: the
+        master has no socket for it, and the worker serves it.
+        """
+        port = freePort()
+        cluster, events = await startCluster(self, app("whoami.tac"), workers=1, env={"WHOAMI_EXCLUSIVE": str(port)})
+        self.assertEqual(cluster.statistics().listeners, ())
+        self.assertEqual(events.of(WorkerListening), [])
+        self.assertEqual(workerOf(await whoami(tcp(port))), 1)
 
 
 class OtherTransportTests(unittest.TestCase):

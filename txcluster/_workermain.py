@@ -111,6 +111,13 @@ def main(argv=None, environ=None) -> None:
         masterPid,
     )
     worker.connect(int(environ.get(_commands.ENV_CHANNEL_FD, _commands.CHANNEL_FD)))
+    log.info(
+        "worker {workerId} (pid {pid}) loading {app} with {reactor}",
+        workerId=workerId,
+        pid=os.getpid(),
+        app=appPath,
+        reactor=type(reactor).__name__,
+    )
     _worker.setCurrentWorker(worker)
     interceptListens(reactor, worker)
     gracefulTimeout = float(environ.get(_commands.ENV_GRACEFUL_TIMEOUT, "30"))

@@ -6,7 +6,8 @@ spaces): each connection gets "worker <id> <pid>\n", then, with
 $WHOAMI_CLOSE=1, is closed (otherwise its input is echoed).  $WHOAMI_UDP
 (a port, optionally "interface:port") adds a UDP socket answering each
 datagram with the same line.  $WHOAMI_TCP_SYNC (port) listens with a plain
-reactor.listenTCP in startService, the synchronous path.
+reactor.listenTCP in startService, the synchronous path; $WHOAMI_EXCLUSIVE
+(port) listens with an exclusive factory, bound in the worker itself.
 
 It obeys messages from the master (JSON objects with "cmd"):
 freeze (block the reactor for "seconds"), listen ("endpoint": listen and
@@ -56,6 +57,11 @@ class Listens(service.Service):
         sync = os.environ.get("WHOAMI_TCP_SYNC")
         if sync:
             self.ports.append(reactor.listenTCP(int(sync), WhoFactory(), interface="127.0.0.1"))
+        alone = os.environ.get("WHOAMI_EXCLUSIVE")
+        if alone:
+            from txcluster import exclusive
+
+            self.ports.append(reactor.listenTCP(int(alone), exclusive(WhoFactory()), interface="127.0.0.1"))
 
     def startService(self):
         service.Service.startService(self)
