@@ -59,6 +59,31 @@ class TCPTests(unittest.TestCase):
             self.assertEqual(sorted(p[2] for p in message["ports"]), ports)
             self.assertEqual({p[0] for p in message["ports"]}, {"IPv4Address"})
 
+    async def test_tcp6(self):
+        """
+        A tcp6: endpoint is shared the same way, and the workers' getHost()
+        reports an IPv6 address.
+        """
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(("::1", 0))
+            probe.close()
+        except OSError:
+            raise unittest.SkipTest("no IPv6 loopback here")
+        cluster, events = await startCluster(
+            self, app("whoami.tac"), workers=2, env={"WHOAMI_LISTEN": "tcp6:0:interface=\\:\\:1"}
+        )
+        await events.waitCount(WorkerListening, 2)
+        (listening,) = {(e.address, e.port) for e in events.of(WorkerListening)}
+        self.assertTrue(listening[0].startswith("tcp:[::1]:"), listening)
+        from twisted.internet.endpoints import TCP6ClientEndpoint
+
+        seen = {workerOf(await whoami(TCP6ClientEndpoint(reactor, "::1", listening[1]))) for _ in range(4)}
+        self.assertEqual(seen, {1, 2})
+        answer = events.wait(lambda e: isinstance(e, WorkerMessage) and "ports" in e.message)
+        await cluster.sendMessage(1, {"cmd": "ports"})
+        self.assertEqual((await answer).message["ports"], [["IPv6Address", "::1", listening[1]]])
+
     async def test_synchronousListen(self):
         """
         reactor.listenTCP in a worker returns a port bound by the master:
