@@ -145,31 +145,29 @@ def main(argv=None, environ=None) -> None:
         if directory not in sys.path:
             sys.path.insert(0, directory)
 
+    def bootFailed(doing: str, code: int) -> None:
+        # Called from an except clause: the traceback goes with the event.
+        log.failure(
+            "worker {workerId} (pid {pid}) could not {doing} {app}",
+            workerId=workerId,
+            pid=os.getpid(),
+            doing=doing,
+            app=appPath,
+        )
+        logFile.flush()
+        os._exit(code)
+
     try:
         application = service.loadApplication(appPath, "python")
         root = service.IService(application)
     except BaseException:
-        log.failure(
-            "worker {workerId} (pid {pid}) could not load {app}",
-            workerId=workerId,
-            pid=os.getpid(),
-            app=appPath,
-        )
-        logFile.flush()
-        os._exit(EXIT_LOAD_FAILED)
+        bootFailed("load", EXIT_LOAD_FAILED)
 
     try:
         root.privilegedStartService()
         root.startService()
     except BaseException:
-        log.failure(
-            "worker {workerId} (pid {pid}) could not start {app}",
-            workerId=workerId,
-            pid=os.getpid(),
-            app=appPath,
-        )
-        logFile.flush()
-        os._exit(EXIT_START_FAILED)
+        bootFailed("start", EXIT_START_FAILED)
 
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     reactor.callWhenRunning(installSignals)
