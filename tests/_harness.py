@@ -127,7 +127,7 @@ async def stopCluster(cluster: ClusterService) -> None:
         finally:
             if timer.active():
                 timer.cancel()
-    leftovers = list(cluster._processes)
+    leftovers = [] if cluster._processes is None else list(cluster._processes.processes)
     for process in leftovers:
         try:
             process.transport.signalProcess("KILL")
@@ -341,10 +341,13 @@ class LoadGenerator:
     @ivar answeredBy: how many requests each "worker <id> <pid>" answered.
     """
 
-    def __init__(self, port: int, concurrency: int = 4, path: str = "/", maxRequests: int = 20_000) -> None:
+    def __init__(
+        self, port: int, concurrency: int = 4, path: str = "/", maxRequests: int = 20_000, pause: float = 0.0
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}{path}"
         self.concurrency = concurrency
         self.maxRequests = maxRequests
+        self.pause = pause
         self.succeeded = 0
         self.failures: list = []
         self.answeredBy: dict = {}
@@ -372,6 +375,8 @@ class LoadGenerator:
                 self.succeeded += 1
                 who = body.strip()
                 self.answeredBy[who] = self.answeredBy.get(who, 0) + 1
+                if self.pause:
+                    await sleep(self.pause)
 
     async def stop(self) -> None:
         self._running = False

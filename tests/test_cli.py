@@ -172,7 +172,7 @@ class BootFailureTests(unittest.TestCase):
         reason = await master.output.ended
         text = master.output.text()
         self.assertEqual(reason.exitCode, 1, text)
-        self.assertIn("giving up: more than 3 worker failures within 60.0 s", text)
+        self.assertIn("giving up: more than 3 worker failures within 60 s", text)
         giveUp = text[text.index("giving up"):]
         self.assertIn("exit code 4", giveUp)
         self.assertIn("KeyError: 'missing setting'", giveUp)

@@ -413,7 +413,7 @@ class CommandTests(HostileTestsMixin, SynchronousTestCase):
         def broken(process):
             raise RuntimeError("a bug in the master")
 
-        self.cluster._ready = broken
+        self.patch(self.cluster._processes, "ready", broken)
         answer = worker.ready()
         self.failureResultOf(answer)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

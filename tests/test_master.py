@@ -50,7 +50,7 @@ from txcluster import (
     WorkerOnline,
     WorkerReady,
 )
-from txcluster import _commands, _master
+from txcluster import _commands, _processes
 from txcluster._commands import (
     BindFailed,
     Disconnect,
@@ -455,7 +455,7 @@ class SpawnTests(ClusterTestsMixin, SynchronousTestCase):
         self.readyCluster(3, listens=[LOCAL])
         ports = {e.port for e in self.eventsOf(WorkerListening)}
         self.assertEqual(len(ports), 1)
-        self.assertEqual(self.handle().members, set(self.cluster._processes))
+        self.assertEqual(self.handle().members, set(self.cluster._processes.processes))
 
     def test_sharedScheduling(self) -> None:
         """
@@ -595,7 +595,7 @@ class RespawnTests(ClusterTestsMixin, SynchronousTestCase):
             self.reactor.advance(expected * 0.102)
             self.assertEqual(len(self.spawner.workers), spawned + 1)
         self.assertEqual([w.workerId for w in self.spawner.workers], [1] * 5)
-        self.assertLogged("worker 1 died 3 times in a row soon after starting: backing off for 4.", LogLevel.warn)
+        self.assertLogged("worker 1 ended 3 times in a row soon after starting: backing off for 4", LogLevel.warn)
 
     def test_backoffResetsAfterStableRun(self) -> None:
         """
@@ -715,7 +715,7 @@ class StartTimeoutTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertEqual(worker.process.signals, [])
         self.reactor.advance(0.1)
         self.assertEqual(worker.process.signalNumbers(), [signal.SIGKILL])
-        self.assertLogged(f"worker 1 (pid {worker.pid}) was not ready within 5.0 s: killing it", LogLevel.error)
+        self.assertLogged(f"worker 1 (pid {worker.pid}) was not ready within 5 s: killing it", LogLevel.error)
         worker.kill()
         self.assertEqual(cluster.statistics().failures, 1)
         self.reactor.advance(1.2)
@@ -729,7 +729,7 @@ class StartTimeoutTests(ClusterTestsMixin, SynchronousTestCase):
         self.makeCluster(1, startTimeout=5.0, maxRestarts=0)
         self.reactor.advance(5)
         self.worker(1).kill()
-        self.assertLogged("which was not ready within 5.0 s", LogLevel.critical)
+        self.assertLogged("which was not ready within 5 s", LogLevel.critical)
 
     def test_readyInTime(self) -> None:
         """
@@ -789,7 +789,7 @@ class HeartbeatTests(ClusterTestsMixin, SynchronousTestCase):
         self.advance(0.5)
         self.assertEqual(worker.process.signalNumbers(), [signal.SIGUSR1])
         self.assertLogged(
-            f"worker 1 (pid {worker.pid}) has not answered a heartbeat for 3.0 s", LogLevel.error
+            f"worker 1 (pid {worker.pid}) has not answered a heartbeat for 3 s", LogLevel.error
         )
         self.advance(STACK_DUMP_GRACE)
         self.assertEqual(worker.process.signalNumbers(), [signal.SIGUSR1, signal.SIGKILL])
@@ -941,7 +941,7 @@ class ReloadTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertNoResult(d)
         new.kill()
         failure = self.failureResultOf(d, ReloadFailed)
-        self.assertIn("was not ready within 5.0 s", str(failure.value))
+        self.assertIn("was not ready within 5 s", str(failure.value))
         self.assertEqual(self.spawner.running(), [old])
         self.assertFalse(old.disconnectRequested)
 
@@ -962,27 +962,58 @@ class ReloadTests(ClusterTestsMixin, SynchronousTestCase):
 
     def test_reloadWhileReloading(self) -> None:
         """
-        A reload asked for while one runs joins it.
+        A reload asked for while one runs joins it, and replaces every
+        worker started before it was asked for: the replacement that was
+        booting then is replaced once it is ready.
         """
         cluster = self.readyCluster(1)
         first = cluster.reload()
-        second = cluster.reload()
         self.assertEqual(len(self.spawner.workers), 2)
+        second = cluster.reload()
+        self.assertLogged("reload requested while one is running")
         self.worker(1).start()
         self.spawner.workers[0].exit(0)
+        self.assertEqual(len(self.spawner.workers), 3)
+        self.assertNoResult(first)
+        self.worker(1).start()
+        self.spawner.workers[1].exit(0)
         self.successResultOf(first)
         self.successResultOf(second)
+        self.assertEqual(self.spawner.running(), [self.spawner.workers[2]])
 
-    def test_nothingToReplace(self) -> None:
+    def test_startingWorkersAreReplacedOnceReady(self) -> None:
         """
-        A reload with no ready worker to replace (they are all still
-        starting, and will read the application afresh anyway) finishes at
-        once.
+        A worker still starting when a reload is asked for may have loaded
+        the application before it changed: the reload waits for it to be
+        ready, then replaces it like the others.
         """
-        cluster = self.makeCluster(2)
-        self.assertIsNone(self.successResultOf(cluster.reload()))
+        cluster = self.makeCluster(1)
+        starting = self.worker(1)
+        d = cluster.reload()
+        self.assertEqual(len(self.spawner.workers), 1)
+        self.assertNoResult(d)
+        starting.start()
         self.assertEqual(len(self.spawner.workers), 2)
-        self.assertLogged("worker 1 is not running; it starts fresh anyway")
+        fresh = self.worker(1)
+        fresh.start()
+        self.assertTrue(starting.disconnectRequested)
+        self.assertNoResult(d)
+        starting.exit(0)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.spawner.running(), [fresh])
+
+    def test_respawningWorkerIsFreshAnyway(self) -> None:
+        """
+        A worker id waiting to be respawned has nothing to replace: what it
+        spawns next loads the application afresh.
+        """
+        cluster = self.readyCluster(2, minRestartDelay=5, maxRestartDelay=5, stableAfter=100)
+        self.worker(2).exit(1)
+        d = cluster.reload()
+        replacement = self.worker(1)
+        replacement.start()
+        self.spawner.workers[0].exit(0)
+        self.assertIsNone(self.successResultOf(d))
 
     def test_replacementCannotBeSpawned(self) -> None:
         """
@@ -1157,7 +1188,7 @@ class RecycleTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.spawner.workers), 1)
         self.connect()
         self.assertEqual(len(self.spawner.workers), 2)
-        self.assertLogged(f"worker 1 (pid {old.pid}) took 2 connections (limit 2): recycling it")
+        self.assertLogged(f"worker 1 (pid {old.pid}) was sent its 2 connections (--max-requests): recycling it")
         new = self.worker(1)
         self.connect()
         self.assertEqual(len(old.connections), 3)
@@ -1200,7 +1231,7 @@ class RecycleTests(ClusterTestsMixin, SynchronousTestCase):
             asked.append((low, high))
             return high
 
-        self.patch(_master, "requestLimit", lambda m, j: requestLimit(m, j, randint=randint))
+        self.patch(_processes, "requestLimit", lambda m, j: requestLimit(m, j, randint=randint))
         self.readyCluster(1, listens=[LOCAL], maxRequests=2, maxRequestsJitter=3)
         self.assertEqual(asked, [(0, 3)])
         self.connect(4)
@@ -1258,7 +1289,7 @@ class StopTests(ClusterTestsMixin, SynchronousTestCase):
         self.reactor.advance(0.1)
         self.assertEqual(self.worker(2).process.signalNumbers(), [signal.SIGKILL])
         self.assertEqual(self.worker(1).process.signals, [])
-        self.assertLogged("still running 5.0 s after it was asked to stop: killing it", LogLevel.warn)
+        self.assertLogged("still running 5 s after it was asked to stop: killing it", LogLevel.warn)
         self.assertNoResult(d)
         self.worker(2).kill()
         self.successResultOf(d)
@@ -1750,7 +1781,7 @@ class MisbehaviourTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertTrue(worker.channel.lost)
         worker.kill()
         self.assertEqual(
-            [c for c in self.reactor.getDelayedCalls() if c.func == self.cluster._kill], []
+            [c for c in self.reactor.getDelayedCalls() if c.func == self.cluster._processes.kill], []
         )
 
     def test_malformedBoxLosesNoConnection(self) -> None:
@@ -1787,7 +1818,7 @@ class QueryCheckTests(SynchronousTestCase):
         The master binds numeric interfaces only: a name would make it
         resolve (and block its reactor); workers resolve names first.
         """
-        from txcluster._master import _checkQuery
+        from txcluster._listens import checkQuery as _checkQuery
 
         self.assertIsNone(_checkQuery("tcp4", "127.0.0.1", 80, 0, 50, 0o666))
         self.assertIsNone(_checkQuery("tcp6", "::1", 80, 0, 50, 0o666))

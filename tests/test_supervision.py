@@ -201,30 +201,55 @@ class HeartbeatTests(unittest.TestCase):
 class RecycleTests(unittest.TestCase):
     timeout = 90
 
-    async def test_maxRequestsRecyclesWithoutFailures(self):
+    def limits(self, *limits):
         """
-        With --max-requests, workers are replaced after that many
-        connections through the zero-drop path: no request fails, every
-        original worker is recycled, and a recycled worker stops taking
-        connections at once while another worker can take them.
+        Give the worker processes these connection limits, in spawn order
+        (then 10,000 each).
         """
-        cluster, events = await startCluster(self, app("web.tac"), workers=3, maxRequests=40, maxRequestsJitter=20)
+        from txcluster import _processes
+
+        given = list(limits)
+        self.patch(_processes, "requestLimit", lambda maxRequests, jitter: given.pop(0) if given else 10_000)
+
+    async def test_aRecycledWorkerTakesNoMoreThanItsLimit(self):
+        """
+        A worker that was sent its --max-requests connections takes no more
+        while another worker can take them (here worker 2, far from its
+        limit), is replaced through the zero-drop path, and its fresh
+        replacement takes connections as soon as it is ready.
+        """
+        self.limits(10, 100)
+        cluster, events = await startCluster(self, app("web.tac"), workers=2, maxRequests=1)
         port = listeningPort(events)
-        originals = set(pidsById(cluster).values())
-        load = LoadGenerator(port, concurrency=4, maxRequests=400).start()
+        before = pidsById(cluster)
+        load = LoadGenerator(port, concurrency=2, maxRequests=90, pause=0.1).start()
+        replaced = await events.wait(
+            lambda e: isinstance(e, WorkerDisconnected) and e.pid == before[1] and e.reason == "replaced", timeout=30
+        )
         await defer.gatherResults(load._loops)
         self.assertEqual(load.failures, [], load.summary())
-        self.assertGreaterEqual(load.succeeded, 400)
-        # Replacements that were still starting when the load ended finish.
-        await events.waitCount(
-            WorkerDisconnected, len(originals), where=lambda e: e.pid in originals and e.reason == "replaced"
+        self.assertEqual(load.answeredBy[f"worker 1 {before[1]}"], 10, load.answeredBy)
+        fresh = pidsById(cluster)[1]
+        self.assertNotEqual(fresh, replaced.pid)
+        self.assertGreater(load.answeredBy.get(f"worker 1 {fresh}", 0), 0, load.answeredBy)
+        self.assertEqual(pidsById(cluster)[2], before[2])
+
+    async def test_theOnlyWorkerServesOnUntilItsReplacementIsReady(self):
+        """
+        A worker over its limit that is the only one serving keeps serving
+        until its replacement is ready: no request fails.
+        """
+        self.limits(5)
+        cluster, events = await startCluster(self, app("web.tac"), workers=1, maxRequests=1)
+        port = listeningPort(events)
+        (original,) = pidsById(cluster).values()
+        load = LoadGenerator(port, concurrency=2).start()
+        await events.wait(
+            lambda e: isinstance(e, WorkerDisconnected) and e.pid == original and e.reason == "replaced",
+            past=True,
         )
-        recycled = {e.pid for e in events.of(WorkerDisconnected) if e.reason == "replaced"}
-        self.assertTrue(originals <= recycled, (originals, recycled))
-        self.assertGreater(len(load.pids() - originals), 0, load.answeredBy)
-        # A recycled worker stops near its limit (40 + up to 20, plus what
-        # was on its way), except the last one standing while all its peers
-        # are being replaced: it keeps serving rather than leave the port
-        # unserved.
-        overshoots = [n for who, n in load.answeredBy.items() if n > 60 + load.concurrency]
-        self.assertLessEqual(len(overshoots), 1, load.answeredBy)
+        await sleep(0.3)
+        await load.stop()
+        self.assertEqual(load.failures, [], load.summary())
+        self.assertGreater(load.answeredBy[f"worker 1 {original}"], 5, load.answeredBy)
+        self.assertEqual(len(load.pids()), 2, load.answeredBy)

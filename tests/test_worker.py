@@ -22,11 +22,12 @@ from zope.interface.verify import verifyObject
 
 from txcluster import _commands, _worker
 from txcluster._intercept import exclusive, interceptListens, isExclusive
+from txcluster._twistedcompat import SharedUNIXPort
 from txcluster._worker import (
     MasterUnavailable,
     Worker,
-    _encodeMessage,
     _osError,
+    encodeMessage as _encodeMessage,
 )
 
 from tests._harness import socketPath
@@ -201,7 +202,7 @@ class ListenTests(unittest.SynchronousTestCase):
 
         connections = [Connection() for _ in range(3)]
         for c in connections:
-            worker._tracker.track(c)
+            worker.tracker.track(c)
         worker.reactor.advance(1)
         self.assertEqual(worker.channel.sent(_commands.LoadReport), [])
         connections[0].connectionLost(None)
@@ -276,60 +277,134 @@ class AdoptionTests(unittest.SynchronousTestCase):
         self.assertRaises(OSError, os.fstat, notASocket)
 
 
+class _Connection:
+    """
+    A connection a worker tracks: it can be aborted.
+    """
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def connectionLost(self, reason):
+        pass
+
+    def abortConnection(self):
+        self.aborted = True
+        self.connectionLost(None)
+
+
+def leavingWorker():
+    """
+    A fake worker whose reactor stops are recorded in C{worker.stops}.
+    """
+    worker = fakeWorker()
+    worker.stops = []
+    worker._stopReactor = lambda: worker.stops.append(True)
+    return worker
+
+
 class DrainTests(unittest.SynchronousTestCase):
-    def test_disconnectWaitsForConnections(self):
+    def test_disconnectStopsTheApplicationAtOnce(self):
         """
-        disconnect() closes every listen, then waits for the open
-        connections to end before stopping the reactor.
+        disconnect() closes every listen and starts the reactor's shutdown
+        (the application's stopService) at once; its Deferred fires once
+        the open connections have ended.
         """
-        worker = fakeWorker()
+        worker = leavingWorker()
+        worker.leaveRequested = True
         worker.listenStream("tcp4", "", 0, Factory())
-        stops = []
-        worker._exit = lambda: stops.append(True)
-
-        class Connection:
-            def connectionLost(self, reason):
-                pass
-
-        c = Connection()
-        worker._tracker.track(c)
+        c = _Connection()
+        worker.tracker.track(c)
         d = worker.disconnect(timeout=10)
         self.assertEqual(worker.channel.sent(_commands.Close), [{"listenId": 1}])
+        self.assertEqual(worker.stops, [True])
         self.assertNoResult(d)
-        self.assertEqual(stops, [])
         c.connectionLost(None)
         self.successResultOf(d)
-        self.assertEqual(stops, [True])
+        self.assertFalse(c.aborted)
         self.assertEqual(self.successResultOf(worker.disconnect()), None)
+        self.assertEqual(worker.stops, [True])
 
-    def test_disconnectTimesOut(self):
+    def test_disconnectEndsBeforeTheMastersDeadline(self):
         """
-        Connections still open after the timeout do not hold the worker.
+        The worker waits for its connections for a little less than it was
+        given, so that it ends by itself before the master kills it: the
+        connections still open then are closed.
         """
-        worker = fakeWorker()
-        stops = []
-        worker._exit = lambda: stops.append(True)
-        worker._tracker.track(type("C", (), {"connectionLost": lambda self, r: None})())
+        worker = leavingWorker()
+        c = _Connection()
+        worker.tracker.track(c)
         d = worker.disconnect(timeout=5)
-        worker.reactor.advance(4.9)
+        worker.reactor.advance(_worker.ownDeadline(5) - 0.01)
         self.assertNoResult(d)
-        worker.reactor.advance(0.2)
+        self.assertFalse(c.aborted)
+        worker.reactor.advance(0.02)
         self.successResultOf(d)
-        self.assertEqual(stops, [True])
+        self.assertTrue(c.aborted)
+        self.assertEqual(worker.openConnections, 0)
+
+    def test_ownDeadline(self):
+        """
+        A tenth of the time given, at most a second, is left for the
+        application's shutdown and the exit.
+        """
+        self.assertEqual(_worker.ownDeadline(30), 29.0)
+        self.assertEqual(_worker.ownDeadline(5), 4.5)
+        self.assertEqual(_worker.ownDeadline(0), 0.0)
+
+    def test_leavingOnItsOwnTellsTheMaster(self):
+        """
+        A worker that leaves without being asked (its application called
+        disconnect(), it was sent SIGTERM) tells the master why, so that
+        the master replaces it without calling it a failure.
+        """
+        worker = leavingWorker()
+        worker.disconnect()
+        self.assertEqual(worker.channel.sent(_commands.Leaving), [{"why": "disconnect()"}])
+        worker = leavingWorker()
+        worker.disconnect(3, "SIGTERM")
+        self.assertEqual(worker.channel.sent(_commands.Leaving), [{"why": "SIGTERM"}])
+
+    def test_askedToLeaveSaysNothing(self):
+        """
+        A worker the master asked to leave does not tell it anything.
+        """
+        worker = leavingWorker()
+        worker.leaveRequested = True
+        worker.disconnect(3)
+        self.assertEqual(worker.channel.sent(_commands.Leaving), [])
+
+    def test_theApplicationStoppedTheReactor(self):
+        """
+        When the application stops the reactor itself, the worker's
+        shutdown trigger leaves the cluster (telling the master) and makes
+        the shutdown wait for the open connections.
+        """
+        worker = leavingWorker()
+        worker.listenStream("tcp4", "", 0, Factory())
+        c = _Connection()
+        worker.tracker.track(c)
+        d = worker.beforeShutdown()
+        self.assertEqual(
+            worker.channel.sent(_commands.Leaving), [{"why": "the application stopped the reactor"}]
+        )
+        self.assertEqual(worker.channel.sent(_commands.Close), [{"listenId": 1}])
+        self.assertEqual(worker.stops, [])
+        self.assertNoResult(d)
+        c.connectionLost(None)
+        self.successResultOf(d)
 
     def test_masterGoneExitsSoon(self):
         """
         When the channel closes under a worker that was not leaving, it
         makes sure to be gone within ORPHAN_EXIT_SECONDS and stops.
         """
-        worker = fakeWorker()
+        worker = leavingWorker()
         timers = []
         self.patch(_worker, "exitSoon", timers.append)
-        stops = []
-        worker._exit = lambda: stops.append(True)
         worker._masterGone(None)
         self.assertEqual(timers, [_worker.ORPHAN_EXIT_SECONDS])
-        self.assertEqual(stops, [True])
+        self.assertEqual(worker.stops, [True])
         self.assertIsNone(worker.channel)
 
 
@@ -476,7 +551,7 @@ class SynchronousCallTests(unittest.TestCase):
     def setUp(self):
         self.patch(_worker, "exitSoon", lambda seconds: None)
         self.worker = Worker(reactor, 1, 1)
-        self.worker._exit = lambda: None
+        self.worker._stopReactor = lambda: None
         ours, self.master = socket.socketpair()
         self.addCleanup(self.master.close)
         self.channel = self.worker.connect(os.dup(ours.fileno()))
@@ -571,7 +646,7 @@ class SynchronousCallTests(unittest.TestCase):
 
 class SharedUNIXPortTests(unittest.TestCase):
     """
-    L{_worker.SharedUNIXPort}: a worker's copy of the master's UNIX socket.
+    L{SharedUNIXPort}: a worker's copy of the master's UNIX socket.
     """
 
     async def test_leavesTheMastersSocketAlone(self):
@@ -587,8 +662,7 @@ class SharedUNIXPortTests(unittest.TestCase):
         master.listen(5)
         fd = os.dup(master.fileno())
         os.set_blocking(fd, False)
-        port = _worker.SharedUNIXPort._fromListeningDescriptor(reactor, fd, Factory.forProtocol(Protocol))
-        port.startListening()
+        port = SharedUNIXPort.adopt(reactor, fd, Factory.forProtocol(Protocol))
         os.close(fd)
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         await port.stopListening()

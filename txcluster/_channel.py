@@ -2,10 +2,11 @@
 """
 L{MasterChannel}: the master's end of one worker's AMP channel.
 
-It answers the worker's commands on behalf of the L{ClusterService}
-(which it calls back through a small set of private methods) and is the
-first line of defence against a worker that misbehaves: whatever a worker
-sends, the master must survive it.
+It answers the worker's commands through L{WorkerRequests}, the narrow
+interface of what a worker may ask of the master (the master hands one to
+each channel; this module imports nothing of the master), and is the first
+line of defence against a worker that misbehaves: whatever a worker sends,
+the master must survive it.
 
 A worker misbehaves when it sends what no txcluster worker sends: bytes
 that are not AMP, a key longer than 255 bytes, a box larger than
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import os
 from types import MethodType
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionClosed, ConnectionLost
@@ -33,8 +34,9 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from txcluster._commands import (
-    closeUnclaimedDescriptors,
     Close,
+    DescriptorList,
+    Leaving,
     ListenRefused,
     Listening,
     LoadReport,
@@ -44,13 +46,19 @@ from txcluster._commands import (
     Ready,
     ToMaster,
     UnknownListen,
+    closeUnclaimedDescriptors,
 )
-from txcluster._policy import FailureWindow
+from txcluster._policy import CommandBudget, FailureWindow
+from txcluster._twistedcompat import (
+    MAX_KEY_LENGTH,
+    connectionLostQuietly,
+    makeConnectionQuietly,
+    outstandingRequests,
+    readingValue,
+    responderFor,
+)
 
-_DESCRIPTORS = NewConn.arguments[1][1]
-
-if TYPE_CHECKING:
-    from txcluster._master import ClusterService, _Process
+_DESCRIPTORS = DescriptorList()
 
 _log = Logger(namespace="txcluster.master")
 
@@ -85,8 +93,70 @@ _REFUSALS = (ListenRefused, UnknownListen)
 
 #: The commands a worker may send (not, say, AMP's own C{StartTLS}).
 _WORKER_COMMANDS = frozenset(
-    c.commandName for c in (Online, QueryServer, Listening, Close, Ready, LoadReport, ToMaster)
+    c.commandName for c in (Online, QueryServer, Listening, Close, Ready, Leaving, LoadReport, ToMaster)
 )
+
+
+class WorkerRequests(Protocol):
+    """
+    What one worker may ask of the master, and what its channel tells the
+    master about it: one provider per worker process.
+    """
+
+    def describe(self) -> str:
+        """
+        The worker, for a log line: C{"worker 3 (pid 1234)"}.
+        """
+
+    def online(self, pid: int) -> None:
+        """
+        L{Online}.
+        """
+
+    def queryServer(self, kind: str, address: str, port: int, index: int, backlog: int, mode: int) -> dict:
+        """
+        L{QueryServer}: the answer, or raise one of its declared errors.
+        """
+
+    def listening(self, listenId: int) -> None:
+        """
+        L{Listening}; may raise L{UnknownListen}.
+        """
+
+    def close(self, listenId: int) -> None:
+        """
+        L{Close}; may raise L{UnknownListen}.
+        """
+
+    def ready(self) -> None:
+        """
+        L{Ready}.
+        """
+
+    def leaving(self, why: str) -> None:
+        """
+        L{Leaving}.
+        """
+
+    def reportLoad(self, connections: int) -> None:
+        """
+        L{LoadReport}, or the load in a L{NewConn} answer.
+        """
+
+    def message(self, text: str) -> None:
+        """
+        L{ToMaster}'s JSON text.
+        """
+
+    def misbehaved(self, what: str) -> None:
+        """
+        The worker did C{what} (C{"sent ..."}): log it and replace it.
+        """
+
+    def channelLost(self, reason: Failure) -> None:
+        """
+        The channel is gone.
+        """
 
 
 class ChannelDropped(ConnectionLost):
@@ -97,35 +167,6 @@ class ChannelDropped(ConnectionLost):
 
     def __str__(self) -> str:
         return f"the master dropped it: {self.args[0]}"
-
-
-class CommandBudget:
-    """
-    A token bucket: C{burst} commands at once, then C{rate} per second.
-
-    Pure: the caller passes the time in.
-    """
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = float(burst)
-        self._last = now
-
-    def spend(self, now: float) -> bool:
-        """
-        One command arrived at C{now}.
-
-        @return: L{False} when it exceeds the budget.
-        """
-        elapsed = max(0.0, now - self._last)
-        self._last = max(now, self._last)
-        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
-        # Rounding must not refuse a worker sending exactly at the rate.
-        if self._tokens < 1.0 - 1e-6:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 def _shorten(text: str, limit: int = 80) -> str:
@@ -150,28 +191,22 @@ def _parseProblem(error: BaseException) -> str:
 class MasterChannel(amp.AMP):
     """
     The master's end of one worker's channel: answers the worker's commands
-    on behalf of the L{ClusterService}, and reports a worker that breaks the
-    protocol (see the module docstring) to
-    L{ClusterService._misbehaved}.
+    through its L{WorkerRequests}, and reports a worker that breaks the
+    protocol (see the module docstring) to L{WorkerRequests.misbehaved}.
 
-    @ivar process: the worker process on the other end.
+    @ivar requests: what the worker on the other end may ask.
     @ivar dropped: why the master stopped reading this channel, or L{None}.
     """
 
-    def __init__(
-        self,
-        cluster: "ClusterService",
-        seconds: Optional[Callable[[], float]] = None,
-    ) -> None:
+    def __init__(self, requests: WorkerRequests, seconds: Callable[[], float]) -> None:
         """
-        @param cluster: the master.
-        @param seconds: the clock for the rate limit (the cluster's reactor
-            by default).
+        @param requests: what the worker may ask, and whom to tell what it
+            did.
+        @param seconds: the clock for the rate limit (the master's reactor's).
         """
         super().__init__()
-        self._cluster = cluster
-        self._seconds = seconds if seconds is not None else lambda: cluster.reactor.seconds()
-        self.process: Optional["_Process"] = None
+        self.requests = requests
+        self._seconds = seconds
         self.dropped: Optional[str] = None
         self._budget: Optional[CommandBudget] = None
         self._refusals = FailureWindow(REFUSAL_LIMIT, REFUSAL_WINDOW)
@@ -211,7 +246,7 @@ class MasterChannel(amp.AMP):
         """
         if self.dropped is not None:
             return
-        self._cluster._misbehaved(self.process, what)
+        self.requests.misbehaved(what)
         self.drop("the worker misbehaved")
 
     def _closeDescriptors(self) -> None:
@@ -243,7 +278,7 @@ class MasterChannel(amp.AMP):
         if self._boxSize > MAX_BOX_SIZE:
             self._misbehave(f"sent a box larger than {MAX_BOX_SIZE} bytes")
             return
-        if not string and self.state != "value":
+        if not string and not readingValue(self):
             # The empty key ends the box.
             self._boxSize = 0
         super().stringReceived(string)
@@ -251,7 +286,7 @@ class MasterChannel(amp.AMP):
     def lengthLimitExceeded(self, length: int) -> None:
         # Int16StringReceiver's limit is the current string's: keys are at
         # most 255 bytes (values may use all 16 bits).
-        self._misbehave(f"sent a key of {length} bytes (at most {self._MAX_KEY_LENGTH})")
+        self._misbehave(f"sent a key of {length} bytes (at most {MAX_KEY_LENGTH})")
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         # Workers never send descriptors to the master.
@@ -263,7 +298,8 @@ class MasterChannel(amp.AMP):
             return
         if amp.ANSWER in box or amp.ERROR in box:
             tag = box[amp.ANSWER] if amp.ANSWER in box else box[amp.ERROR]
-            if self._outstandingRequests is None or tag not in self._outstandingRequests:
+            outstanding = outstandingRequests(self)
+            if outstanding is None or tag not in outstanding:
                 self._misbehave(f"answered a request the master never sent (tag {_shorten(repr(tag), 40)})")
                 return
             if amp.ANSWER not in box and not (amp.ERROR_CODE in box and amp.ERROR_DESCRIPTION in box):
@@ -298,7 +334,7 @@ class MasterChannel(amp.AMP):
         and turns a refusal into the command's declared error.  An unknown
         command is misbehaviour.
         """
-        found = self._commandDispatch.get(name) if name in _WORKER_COMMANDS else None
+        found = responderFor(self, name) if name in _WORKER_COMMANDS else None
         if found is None:
             return lambda box: self._unknownCommand(name)
         command, responder = found
@@ -342,14 +378,11 @@ class MasterChannel(amp.AMP):
             )
         # The master's own fault: say so, and let the worker go as if its
         # channel had broken (it exits when it sees the channel close).
-        process = self.process
         _log.failure(
-            "the master failed to answer {command} from worker {workerId} (pid {pid}); "
-            "closing its channel",
+            "the master failed to answer {command} from {worker}; closing its channel",
             failure,
             command=command.__name__,
-            workerId=None if process is None else process.workerId,
-            pid=None if process is None else process.pid,
+            worker=self.requests.describe(),
         )
         self.drop(f"the master failed to answer its {command.__name__}")
         if not answerExpected:
@@ -362,36 +395,41 @@ class MasterChannel(amp.AMP):
             self._misbehave("said it was online twice")
             return {}
         self._wasOnline = True
-        self._cluster._online(self.process, pid)
+        self.requests.online(pid)
         return {}
 
     @QueryServer.responder
     def queryServer(self, kind, address, port, index, backlog, mode) -> dict:
-        return self._cluster._queryServer(self.process, kind, address, port, index, backlog, mode)
+        return self.requests.queryServer(kind, address, port, index, backlog, mode)
 
     @Listening.responder
     def listening(self, listenId: int) -> dict:
-        self._cluster._listening(self.process, listenId)
+        self.requests.listening(listenId)
         return {}
 
     @Close.responder
     def close(self, listenId: int) -> dict:
-        self._cluster._close(self.process, listenId)
+        self.requests.close(listenId)
         return {}
 
     @Ready.responder
     def ready(self) -> dict:
-        self._cluster._ready(self.process)
+        self.requests.ready()
+        return {}
+
+    @Leaving.responder
+    def leaving(self, why: str) -> dict:
+        self.requests.leaving(why)
         return {}
 
     @LoadReport.responder
     def loadReport(self, connections: int) -> dict:
-        self._cluster._table.reportLoad(self.process, connections)
+        self.requests.reportLoad(connections)
         return {}
 
     @ToMaster.responder
     def toMaster(self, message: str) -> dict:
-        self._cluster._message(self.process, message)
+        self.requests.message(message)
         return {}
 
     # Commands to the worker -------------------------------------------------
@@ -415,7 +453,7 @@ class MasterChannel(amp.AMP):
             accepted = int(box[b"accepted"])
             connections = box.get(b"connections")
             if connections is not None:
-                self._cluster._table.reportLoad(self.process, max(0, int(connections)))
+                self.requests.reportLoad(max(0, int(connections)))
             return accepted
         except (KeyError, ValueError) as e:
             self._misbehave(f"sent a malformed answer to NewConn ({_parseProblem(e)})")
@@ -444,10 +482,7 @@ class MasterChannel(amp.AMP):
     # Connection ---------------------------------------------------------------
 
     def makeConnection(self, transport) -> None:
-        # AMP logs every connection at info level; a channel is not news.
-        self._transportPeer = transport.getPeer()
-        self._transportHost = transport.getHost()
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
+        makeConnectionQuietly(self, transport)
 
     def connectionLost(self, reason) -> None:
         self._closeDescriptors()
@@ -460,6 +495,5 @@ class MasterChannel(amp.AMP):
             # closing: the handle table gives their connections to other
             # workers instead of counting them taken.
             outstanding = Failure(ConnectionLost(f"the channel broke: {reason.getErrorMessage()}"))
-        amp.BinaryBoxProtocol.connectionLost(self, outstanding)
-        self.transport = None
-        self._cluster._channelLost(self.process, reason)
+        connectionLostQuietly(self, outstanding)
+        self.requests.channelLost(reason)

@@ -8,7 +8,7 @@ commands and user messages are different commands, so a user message can
 never be mistaken for an internal one.
 
 Worker to master: L{Online}, L{QueryServer}, L{Listening}, L{Close},
-L{Ready}, L{LoadReport}, L{ToMaster}.
+L{Ready}, L{Leaving}, L{LoadReport}, L{ToMaster}.
 
 Master to worker: L{NewConn}, L{Disconnect}, L{Ping}, L{ToWorker},
 L{WorkerCount}.
@@ -20,6 +20,8 @@ import os
 
 from twisted.protocols import amp
 
+from txcluster._twistedcompat import MAX_FDS_PER_MESSAGE, unclaimedDescriptors
+
 #: The file descriptor number of the AMP channel in a worker.
 CHANNEL_FD = 3
 
@@ -28,9 +30,6 @@ LOG_FD = 4
 
 #: The shortest time between two L{LoadReport}s from one worker.
 LOAD_REPORT_INTERVAL = 0.01
-
-#: The most file descriptors one C{sendmsg} may carry on Linux (SCM_MAX_FD).
-MAX_FDS_PER_MESSAGE = 253
 
 # Environment variables a worker is started with.
 ENV_WORKER_ID = "TXCLUSTER_WORKER_ID"
@@ -68,12 +67,13 @@ def closeUnclaimedDescriptors(proto: amp.AMP) -> None:
     Close the descriptors C{proto} received for boxes it never processed
     (the channel closed mid-box): nothing else ever will.
     """
-    for fd in proto._descriptors.values():
+    descriptors = unclaimedDescriptors(proto)
+    for fd in descriptors.values():
         try:
             os.close(fd)
         except OSError:
             pass
-    proto._descriptors.clear()
+    descriptors.clear()
 
 
 class BindFailed(Exception):
@@ -89,6 +89,14 @@ class ListenRefused(Exception):
     """
     The master refuses to bind this address for a worker (the address is
     outside C{--allow-listen}, or the request is malformed).
+    """
+
+
+class WorkerLeaving(Exception):
+    """
+    The master will not bind for this worker: it was told to leave (or the
+    master is stopping).  The worker's application gets a
+    C{CannotListenError}; a worker whose start fails this way exits quietly.
     """
 
 
@@ -148,6 +156,7 @@ class QueryServer(amp.Command):
     errors = {
         BindFailed: b"BIND_FAILED",
         ListenRefused: b"LISTEN_REFUSED",
+        WorkerLeaving: b"LEAVING",
     }
 
 
@@ -181,6 +190,18 @@ class Ready(amp.Command):
 
     arguments = []
     response = []
+
+
+class Leaving(amp.Command):
+    """
+    The worker is leaving on its own: it was sent C{SIGTERM}, its
+    application called C{disconnect()} or stopped the reactor.  It closes
+    its listens and finishes its connections; the master replaces it, and
+    does not count its exit as a failure.
+    """
+
+    arguments = [(b"why", amp.Unicode())]
+    requiresAnswer = False
 
 
 class LoadReport(amp.Command):

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from txcluster._scheduler import (
     DEFAULT_WINDOW,
+    Allowance,
     LEAST_BUSY,
     ROUND_ROBIN,
     Dispatcher,
@@ -171,15 +172,17 @@ class HandleTable:
         handle.declared = True
         return handle
 
-    def listening(self, worker: Hashable, listenId: int) -> Optional[Handle]:
+    def listening(self, worker: Hashable, listenId: int, allowance: Optional[Allowance] = None) -> Optional[Handle]:
         """
-        C{worker}'s port for C{listenId} is up: it takes connections now.
+        C{worker}'s port for C{listenId} is up: it takes connections now, up
+        to C{allowance} (shared with its other handles; see
+        L{Dispatcher.join}).
         """
         handle = self._byId.get(listenId)
         if handle is None or worker not in handle.members:
             return None
         if handle.dispatcher is not None:
-            self._run(handle, handle.dispatcher.join(worker))
+            self._run(handle, handle.dispatcher.join(worker, allowance))
         return handle
 
     def close(self, worker: Hashable, listenId: int) -> Optional[Handle]:

@@ -14,9 +14,8 @@ or a C{makeBinding(..., reusePort=True)} binding, binds in the worker itself.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import _Binding
-
 from txcluster._sockets import tcpKind, udpKind
+from txcluster._twistedcompat import bindingOf, markTLS
 
 _EXCLUSIVE = "_txclusterExclusive"
 
@@ -48,10 +47,12 @@ def interceptListens(reactor, worker) -> None:
     originalUDP = reactor.listenUDP
 
     def listenTCP(port, factory, backlog=50, interface=""):
-        if isinstance(port, _Binding):
-            if port._reusePort or isExclusive(factory):
+        binding = bindingOf(port)
+        if binding is not None:
+            address, number, reusePort = binding
+            if reusePort or isExclusive(factory):
                 return originalTCP(port, factory, backlog, interface)
-            interface, port = port._address or interface, port._port
+            interface, port = address or interface, number
         if isExclusive(factory):
             return originalTCP(port, factory, backlog, interface)
         return worker.listenStream(tcpKind(interface), interface, port, factory, backlog)
@@ -63,7 +64,7 @@ def interceptListens(reactor, worker) -> None:
         if isExclusive(factory):
             exclusive(tlsFactory)
         listeningPort = listenTCP(port, tlsFactory, backlog, interface)
-        listeningPort._type = "TLS"
+        markTLS(listeningPort)
         return listeningPort
 
     def listenUNIX(address, factory, backlog=50, mode=0o666, wantPID=0):

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_policy -*-
 """
 Pure supervision rules: how long to wait before a respawn, when to give up,
-and when a worker has served enough connections.  No clock, no reactor:
+when a worker has served enough connections, and how fast a worker may
+send commands or log lines.  No clock, no reactor:
 callers pass the time in.
 """
 
@@ -76,3 +77,32 @@ def requestLimit(
     if maxRequests <= 0:
         return 0
     return maxRequests + (randint(0, jitter) if jitter > 0 else 0)
+
+
+class CommandBudget:
+    """
+    A token bucket: C{burst} commands at once, then C{rate} per second.
+
+    Pure: the caller passes the time in.
+    """
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = now
+
+    def spend(self, now: float) -> bool:
+        """
+        One command arrived at C{now}.
+
+        @return: L{False} when it exceeds the budget.
+        """
+        elapsed = max(0.0, now - self._last)
+        self._last = max(now, self._last)
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        # Rounding must not refuse a worker sending exactly at the rate.
+        if self._tokens < 1.0 - 1e-6:
+            return False
+        self._tokens -= 1.0
+        return True

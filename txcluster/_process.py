@@ -7,7 +7,7 @@ C{reactor.spawnProcess}: one end of a C{socketpair} becomes the worker's
 fd 3 (the AMP channel), fd 4 is a pipe carrying its log events as JSON, and
 fds 1 and 2 are pipes whose lines reach the master's log.  L{WorkerOutput}
 is the C{ProcessProtocol} that turns all of that into master log events
-tagged with the worker's id and pid.
+tagged with the worker's id and pid, at a bounded rate.
 """
 
 from __future__ import annotations
@@ -15,76 +15,51 @@ from __future__ import annotations
 import collections
 import os
 import socket
-import struct
 import sys
-from errno import EWOULDBLOCK, ENOBUFS
+import time
 from typing import Callable, Optional
 
-from twisted.internet import error, main
-from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.internet.unix import Server as UNIXServer
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent
 from twisted.python.failure import Failure
 
 import txcluster
 from txcluster import _commands
+from txcluster._policy import CommandBudget
+from txcluster._twistedcompat import BatchingUNIXServer, adoptUNIXTransport
+
+__all__ = [
+    "BatchingUNIXServer",
+    "LOG_BURST",
+    "LOG_RATE",
+    "WorkerOutput",
+    "adoptChannel",
+    "reactorModuleName",
+    "spawnWorker",
+    "workerEnvironment",
+]
 
 _log = Logger(namespace="txcluster.worker")
 
-class BatchingUNIXServer(UNIXServer):
-    """
-    A UNIX stream transport that sends every queued file descriptor with the
-    pending bytes in one C{sendmsg} (up to 253 per call), where Twisted's
-    sends one descriptor per call with one byte each.  The receiver is an
-    ordinary Twisted UNIX transport: it gets the descriptors before the
-    bytes of the box that names them, in order.
-    """
+#: Lines (log events, stdout and stderr lines together) a worker may write
+#: per second, sustained; the excess is dropped and counted.
+LOG_RATE = 10_000.0
 
-    def writeSomeData(self, data):
-        queue = self._sendmsgQueue
-        if not queue:
-            return UNIXServer._writeSomeDataBase.writeSomeData(self, data)
-        if len(queue) > len(data):
-            return error.FileDescriptorOverrun()
-        sent = 0
-        while queue:
-            batch = queue[: _commands.MAX_FDS_PER_MESSAGE]
-            # Every batch needs a byte to travel with; the last takes the rest.
-            last = len(batch) == len(queue)
-            chunk = data[sent:] if last else data[sent : sent + 1]
-            try:
-                sent += self.socket.sendmsg(
-                    [chunk], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _packFds(batch))]
-                )
-            except OSError as e:
-                if e.errno in (EWOULDBLOCK, ENOBUFS):
-                    return sent
-                return main.CONNECTION_LOST
-            del queue[: len(batch)]
-        return sent
+#: Lines a worker may write at once on top of L{LOG_RATE}.
+LOG_BURST = 30_000
 
-
-def _packFds(fds: list) -> bytes:
-    return struct.pack(f"{len(fds)}i", *fds)
-
-
-class _OneProtocolFactory(Factory):
-    def __init__(self, protocol):
-        self._protocol = protocol
-
-    def buildProtocol(self, addr):
-        return self._protocol
+#: The log event keys a relayed event keeps (the others are the worker's
+#: own fields; these are what the logging system reads).
+_EVENT_KEYS = frozenset({"log_format", "log_level", "log_time", "log_flattened"})
 
 
 def adoptChannel(reactor, fd: int, protocol) -> BatchingUNIXServer:
     """
-    Connect C{protocol} to the master's end of a worker's socketpair.
-
-    This is what C{reactor.adoptStreamConnection(fd, AF_UNIX, factory)}
-    does, with L{BatchingUNIXServer} as the transport class.  C{fd} is
-    C{dup()}ed; the caller closes its own copy.
+    Connect C{protocol} to the master's end of a worker's socketpair, with
+    L{BatchingUNIXServer} as the transport.  C{fd} is C{dup()}ed; the
+    caller closes its own copy.
     """
-    return BatchingUNIXServer._fromConnectedSocket(fd, _OneProtocolFactory(protocol), reactor)
+    return adoptUNIXTransport(reactor, fd, protocol, BatchingUNIXServer)
 
 
 def workerEnvironment(
@@ -173,14 +148,24 @@ class WorkerOutput(ProcessProtocol):
     """
     The master's C{ProcessProtocol} for one worker: re-emits the worker's
     log events (fd 4, JSON) and its stdout and stderr lines (fds 1 and 2)
-    into the master's log, tagged with the worker's id and pid, and reports
-    the process's end to C{ended}.
+    into the master's log, and reports the process's end to C{ended}.
+
+    Every relayed event is the worker's, whatever it sent: its namespace is
+    C{txcluster.worker} (the worker's own is kept as C{workerNamespace}),
+    its system C{worker ID pid PID}, its C{workerId} and C{pid} fields the
+    worker's.  At most L{LOG_BURST} lines at once and L{LOG_RATE} a second
+    are relayed; the excess is dropped, and counted in a warning once a
+    second while it lasts.
 
     @ivar stderrTail: the last lines the worker wrote on stderr or logged at
         error level, kept for the give-up report.
+    @ivar dropped: how many lines were dropped in all.
     """
 
     maxLine = 64 * 1024
+
+    #: How often a note of dropped lines is logged, at most.
+    noteInterval = 1.0
 
     def __init__(
         self,
@@ -188,11 +173,26 @@ class WorkerOutput(ProcessProtocol):
         ended: Callable[[Failure], None],
         publisher: Callable[[dict], None],
         tailLines: int = 40,
+        clock=None,
+        rate: float = LOG_RATE,
+        burst: int = LOG_BURST,
     ) -> None:
+        """
+        @param clock: an C{IReactorTime} for the rate limit and its notes
+            (L{None}: the global reactor, once the process starts).
+        """
         self.workerId = workerId
         self._ended = ended
         self._publisher = publisher
         self._buffers: dict[int, bytes] = {}
+        self._skipping: set[int] = set()
+        self._clock = clock
+        self._rate = rate
+        self._burst = burst
+        self._budget: Optional[CommandBudget] = None
+        self._unreported = 0
+        self._noteCall = None
+        self.dropped = 0
         self.stderrTail: collections.deque = collections.deque(maxlen=tailLines)
 
     pid: Optional[int] = None
@@ -203,7 +203,24 @@ class WorkerOutput(ProcessProtocol):
     def system(self) -> str:
         return f"worker {self.workerId} pid {self.pid}"
 
+    def _now(self) -> float:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        return self._clock.seconds()
+
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        now = self._now()
+        if self._budget is None:
+            self._budget = CommandBudget(self._rate, self._burst, now)
+        if childFD in self._skipping:
+            # The rest of a line that was dropped.
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            self._skipping.discard(childFD)
+            data = data[end + 1 :]
         # JSON log records are "\x1e{json}\n"; JSON text has no raw newline.
         buffered = self._buffers.get(childFD, b"") + data
         *records, rest = buffered.split(b"\n")
@@ -211,11 +228,39 @@ class WorkerOutput(ProcessProtocol):
             records.append(rest)
             rest = b""
         self._buffers[childFD] = rest
-        for record in records:
+        for index, record in enumerate(records):
+            if not self._budget.spend(now):
+                self._drop(len(records) - index + (1 if rest else 0), now)
+                if rest:
+                    self._buffers[childFD] = b""
+                    self._skipping.add(childFD)
+                return
             self._record(childFD, record)
+
+    def _drop(self, lines: int, now: float) -> None:
+        self.dropped += lines
+        self._unreported += lines
+        if self._noteCall is None:
+            self._noteCall = self._clock.callLater(self.noteInterval, self._note)
+
+    def _note(self) -> None:
+        self._noteCall = None
+        if not self._unreported:
+            return
+        count, self._unreported = self._unreported, 0
+        _log.warn(
+            "worker {workerId} (pid {pid}) wrote more than {rate:.0f} lines a second: "
+            "{count} dropped",
+            workerId=self.workerId,
+            pid=self.pid,
+            rate=self._rate,
+            count=count,
+            log_system=self.system(),
+        )
 
     def childConnectionLost(self, childFD: int) -> None:
         rest = self._buffers.pop(childFD, b"")
+        self._skipping.discard(childFD)
         if rest:
             self._record(childFD, rest)
 
@@ -243,7 +288,9 @@ class WorkerOutput(ProcessProtocol):
     def _relayEvent(self, record: bytes) -> None:
         try:
             event = eventFromJSON(record.decode("utf-8", "replace"))
-        except ValueError:
+        except Exception:
+            event = None
+        if not isinstance(event, dict):
             _log.warn(
                 "worker {workerId} (pid {pid}) wrote an unreadable log record: {record!r}",
                 workerId=self.workerId,
@@ -252,28 +299,54 @@ class WorkerOutput(ProcessProtocol):
                 log_system=self.system(),
             )
             return
-        if not isinstance(event, dict):
-            return
-        original = event.get("log_system")
-        event["log_system"] = self.system()
-        if original not in (None, "-"):
+        self._publisher(self._ownEvent(event))
+
+    def _ownEvent(self, sent: dict) -> dict:
+        """
+        The event the worker C{sent}, as the worker's: only the logging
+        system's keys it may set are kept, and those checked; who it is
+        comes from the master.
+        """
+        event = {k: v for k, v in sent.items() if not k.startswith("log_") or k in _EVENT_KEYS}
+        level = event.get("log_level")
+        if not isinstance(level, type(LogLevel.info)):
+            level = LogLevel.info
+        event["log_level"] = level
+        if not isinstance(event.get("log_format"), str):
+            event["log_format"] = None if "log_format" not in event else str(event["log_format"])
+        if not isinstance(event.get("log_time"), (int, float)) or isinstance(event.get("log_time"), bool):
+            event["log_time"] = time.time()
+        if not isinstance(event.get("log_flattened"), dict):
+            event.pop("log_flattened", None)
+        namespace = sent.get("log_namespace")
+        if isinstance(namespace, str):
+            event["workerNamespace"] = namespace
+        original = sent.get("log_system")
+        if isinstance(original, str) and original != "-":
             event["workerLogSystem"] = original
+        event["log_namespace"] = "txcluster.worker"
+        event["log_system"] = self.system()
         event["workerId"] = self.workerId
         event["pid"] = self.pid
         traceback = event.get("workerTraceback")
-        if traceback:
+        if isinstance(traceback, str) and traceback:
             event["log_format"] = (event.get("log_format") or "") + "\n{workerTraceback}"
             flattened = event.get("log_flattened")
             if isinstance(flattened, dict):
                 flattened["workerTraceback!:"] = traceback
                 flattened["workerTraceback!s:"] = traceback
-        level = event.get("log_level")
-        if level is not None and level >= LogLevel.error:
-            text = formatEvent(event)
+        if level >= LogLevel.error:
+            try:
+                text = formatEvent(event)
+            except Exception:
+                text = repr(event.get("log_format"))
             self.stderrTail.extend(text.splitlines()[-self.stderrTail.maxlen :])
-        self._publisher(event)
+        return event
 
     def processEnded(self, reason: Failure) -> None:
         for childFD in list(self._buffers):
             self.childConnectionLost(childFD)
+        if self._noteCall is not None and self._noteCall.active():
+            self._noteCall.cancel()
+        self._note()
         self._ended(reason)

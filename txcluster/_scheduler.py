@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from math import ceil
-from typing import Generic, Hashable, Iterable, TypeVar, Union
+from typing import Generic, Hashable, Iterable, Optional, TypeVar, Union
 
 from attrs import field, frozen, mutable
 
@@ -56,9 +56,38 @@ class Release(Generic[Conn]):
 Action = Union[Handoff, Release]
 
 
+@mutable(eq=False)
+class Allowance:
+    """
+    How many connections one worker may be sent in all (C{--max-requests}),
+    across every handle it listens on: the dispatchers of those handles
+    share it.  C{used} counts what was sent, answered or not; refused and
+    lost connections are given back.
+
+    @ivar limit: the most it may take; L{None}: no limit.
+    """
+
+    limit: Optional[int] = None
+    used: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """
+        Whether the worker has been sent all it may take.
+        """
+        return self.limit is not None and self.used >= self.limit
+
+    def remaining(self) -> Optional[int]:
+        """
+        How many more it may take; L{None}: any number.
+        """
+        return None if self.limit is None else max(0, self.limit - self.used)
+
+
 @mutable
 class _Member:
     worker: Hashable
+    allowance: Allowance
     taking: bool = True
     outstanding: list = field(factory=list)
     reported: int = 0
@@ -150,15 +179,23 @@ class Dispatcher(Generic[Conn]):
         """
         return [m.worker for m in self._members.values() if m.taking]
 
-    def join(self, worker: Hashable) -> list[Action]:
+    def join(self, worker: Hashable, allowance: Optional[Allowance] = None) -> list[Action]:
         """
         C{worker} takes connections from now on.
+
+        @param allowance: how many connections it may be sent in all,
+            shared with the other handles it listens on (L{None}: no
+            limit).  A worker that has used its allowance is sent nothing
+            while another worker in rotation still has some; when none has,
+            the handle is still served, by the workers over their limits.
         """
         member = self._members.get(worker)
         if member is None:
-            self._members[worker] = _Member(worker)
+            self._members[worker] = _Member(worker, allowance if allowance is not None else Allowance())
         else:
             member.taking = True
+            if allowance is not None:
+                member.allowance = allowance
         return self._dispatch()
 
     def leave(self, worker: Hashable) -> list[Action]:
@@ -183,6 +220,7 @@ class Dispatcher(Generic[Conn]):
         self._remove(worker)
         unanswered = [c for h in member.outstanding for c in h.connections]
         member.outstanding.clear()
+        member.allowance.used -= len(unanswered)
         return self._requeue(unanswered)
 
     def accepted(self, connections: Iterable[Conn]) -> list[Action]:
@@ -209,6 +247,7 @@ class Dispatcher(Generic[Conn]):
         refused = handoff.connections[accepted:]
         member.handed += accepted
         member.acceptedSinceReport += accepted
+        member.allowance.used -= len(refused)
         if refused:
             member.taking = False
         self._forgetIfIdle(member)
@@ -272,47 +311,71 @@ class Dispatcher(Generic[Conn]):
         self._pending.extendleft(reversed(connections))
         return self._dispatch()
 
-    def _candidates(self) -> list[_Member]:
+    def _candidates(self) -> tuple[list[_Member], bool]:
+        """
+        The members that may be sent connections now, in turn order, and
+        whether their allowances limit them.  When no member in rotation is
+        under its limit, one of them serves on, so that the handle is still
+        served and only one worker goes over: the one furthest over already
+        (the first in turn, at first).
+        """
         members = list(self._members.values())
         if not members:
-            return []
+            return [], False
         start = self._next % len(members)
         rotated = members[start:] + members[:start]
-        return [
-            m for m in rotated if m.taking and len(m.outstanding) < self._window
-        ]
+        taking = [m for m in rotated if m.taking]
+        allowed = [m for m in taking if not m.allowance.exhausted]
+        if allowed:
+            pool, limited = allowed, True
+        elif taking:
+            pool, limited = [max(taking, key=lambda m: m.allowance.used - m.allowance.limit)], False
+        else:
+            return [], False
+        return [m for m in pool if len(m.outstanding) < self._window], limited
 
     def _dispatch(self) -> list[Action]:
         if self._closed or not self._pending:
             return []
-        candidates = self._candidates()
+        candidates, limited = self._candidates()
         if not candidates:
             return []
         if self.policy == LEAST_BUSY:
-            batches = self._leastBusyBatches(candidates)
+            batches = self._leastBusyBatches(candidates, limited)
         else:
-            batches = self._roundRobinBatches(candidates)
+            batches = self._roundRobinBatches(candidates, limited)
         actions: list[Action] = []
         for member, batch in batches:
             handoff = Handoff(member.worker, tuple(batch))
             member.outstanding.append(handoff)
+            member.allowance.used += len(batch)
             actions.append(handoff)
         return actions
 
-    def _roundRobinBatches(self, candidates: list[_Member]) -> list:
-        takers = sum(1 for m in self._members.values() if m.taking)
-        share = min(self._maxBatch, ceil(len(self._pending) / takers))
+    def _room(self, member: _Member, limited: bool) -> int:
+        room = self._maxBatch
+        remaining = member.allowance.remaining()
+        if limited and remaining is not None:
+            room = min(room, remaining)
+        return room
+
+    def _roundRobinBatches(self, candidates: list[_Member], limited: bool) -> list:
+        takers = sum(
+            1 for m in self._members.values() if m.taking and not (limited and m.allowance.exhausted)
+        )
+        share = ceil(len(self._pending) / max(1, takers))
         batches = []
         order = list(self._members)
         for member in candidates:
             if not self._pending:
                 break
-            batch = [self._pending.popleft() for _ in range(min(share, len(self._pending)))]
+            size = min(share, self._room(member, limited), len(self._pending))
+            batch = [self._pending.popleft() for _ in range(size)]
             batches.append((member, batch))
             self._next = order.index(member.worker) + 1
         return batches
 
-    def _leastBusyBatches(self, candidates: list[_Member]) -> list:
+    def _leastBusyBatches(self, candidates: list[_Member], limited: bool) -> list:
         heap = [(m.estimate(), rank, m) for rank, m in enumerate(candidates)]
         heapq.heapify(heap)
         batches: dict[Hashable, list] = {}
@@ -320,7 +383,7 @@ class Dispatcher(Generic[Conn]):
             load, rank, member = heapq.heappop(heap)
             batch = batches.setdefault(member.worker, [])
             batch.append(self._pending.popleft())
-            if len(batch) < self._maxBatch:
+            if len(batch) < self._room(member, limited):
                 heapq.heappush(heap, (load + 1, rank, member))
         # Ties go to the next worker in turn after the last one served.
         self._next = list(self._members).index(member.worker) + 1

@@ -2,26 +2,61 @@
 """
 C{python -m txcluster._workermain WORKER_ID APP}: a worker process.
 
-It installs the master's kind of reactor, logs to the master, connects the
-AMP channel, routes listens through the master, then loads and starts the
-application the way C{twistd -y} would, and tells the master it is ready.
+It ignores the terminal's Ctrl-C (the master drains the workers), dies
+with its master (C{PR_SET_PDEATHSIG} on Linux), installs the master's kind
+of reactor, logs to the master, connects the AMP channel, routes listens
+through the master, then loads and starts the application the way
+C{twistd -y} would, and tells the master it is ready.
 
-Exit codes: 0 after a normal stop, 3 when the application failed to start
-(for example a listen failed), 4 when the application could not be loaded.
+Exit codes: 0 after a normal stop (also when the master asked it to leave
+while its application was starting), 3 when the application failed to
+start (for example a listen failed), 4 when the application could not be
+loaded.
 """
 
-from __future__ import annotations
-
-import faulthandler
-import importlib
-import os
 import signal
-import sys
 
-from txcluster import _commands
+if __name__ == "__main__":
+    # First of all: a terminal's Ctrl-C reaches the whole process group,
+    # and the master then drains the workers; a worker that is still
+    # importing must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import faulthandler  # noqa: E402
+import importlib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from txcluster import _commands  # noqa: E402
 
 EXIT_START_FAILED = 3
 EXIT_LOAD_FAILED = 4
+
+#: Linux's prctl(2) option that sends a signal when the parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def dieWithMaster(masterPid) -> bool:
+    """
+    Have the kernel kill this process when its parent (the master) dies,
+    whatever its reactor is doing (Linux only; elsewhere the worker exits
+    when it sees its channel close).  Exits at once if the master is gone
+    already.
+
+    @return: whether the kernel will.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if masterPid is not None and os.getppid() != masterPid:
+        os._exit(1)
+    return armed
 
 
 def installReactor(moduleName: str):
@@ -87,6 +122,8 @@ def main(argv=None, environ=None) -> None:
     environ = os.environ if environ is None else environ
     workerId = int(argv[1])
     appPath = argv[2]
+    masterPid = int(environ.get(_commands.ENV_MASTER_PID, "0")) or None
+    dieWithMaster(masterPid)
     reactor = installReactor(environ.get(_commands.ENV_REACTOR, ""))
 
     from twisted.application import service
@@ -103,12 +140,13 @@ def main(argv=None, environ=None) -> None:
     # the stack goes to stderr, which the master logs, before the kill.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     setProcessTitle(f"txcluster worker {workerId} [{os.path.basename(appPath)}]")
-    masterPid = int(environ.get(_commands.ENV_MASTER_PID, "0")) or None
+    gracefulTimeout = float(environ.get(_commands.ENV_GRACEFUL_TIMEOUT, "30"))
     worker = _worker.Worker(
         reactor,
         workerId,
         int(environ.get(_commands.ENV_WORKER_COUNT, "1")),
         masterPid,
+        gracefulTimeout,
     )
     worker.connect(int(environ.get(_commands.ENV_CHANNEL_FD, _commands.CHANNEL_FD)))
     log.info(
@@ -120,18 +158,17 @@ def main(argv=None, environ=None) -> None:
     )
     _worker.setCurrentWorker(worker)
     interceptListens(reactor, worker)
-    gracefulTimeout = float(environ.get(_commands.ENV_GRACEFUL_TIMEOUT, "30"))
 
     def onTerm(signum, frame):
         if masterPid is not None and os.getppid() != masterPid:
             _worker.exitSoon(_worker.ORPHAN_EXIT_SECONDS)
-            reactor.callFromThread(worker._exit)
+            reactor.callFromThread(worker.disconnect, _worker.ORPHAN_EXIT_SECONDS)
         else:
-            reactor.callFromThread(worker.disconnect, gracefulTimeout)
+            reactor.callFromThread(worker.disconnect, gracefulTimeout, "SIGTERM")
 
     def installSignals():
-        # The master owns Ctrl-C: a terminal's SIGINT reaches the whole
-        # process group, and the master then drains the workers.
+        # Twisted's own handlers are installed as the reactor starts: SIGINT
+        # stays the master's, and SIGTERM makes this worker leave gracefully.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, onTerm)
 
@@ -145,8 +182,20 @@ def main(argv=None, environ=None) -> None:
         if directory not in sys.path:
             sys.path.insert(0, directory)
 
+    def exitNow(code: int) -> None:
+        logFile.flush()
+        os._exit(code)
+
     def bootFailed(doing: str, code: int) -> None:
         # Called from an except clause: the traceback goes with the event.
+        if worker.leaveRequested:
+            log.info(
+                "worker {workerId} (pid {pid}) was asked to leave while it started {app}; exiting",
+                workerId=workerId,
+                pid=os.getpid(),
+                app=appPath,
+            )
+            exitNow(0)
         log.failure(
             "worker {workerId} (pid {pid}) could not {doing} {app}",
             workerId=workerId,
@@ -154,8 +203,7 @@ def main(argv=None, environ=None) -> None:
             doing=doing,
             app=appPath,
         )
-        logFile.flush()
-        os._exit(code)
+        exitNow(code)
 
     try:
         application = service.loadApplication(appPath, "python")
@@ -170,9 +218,11 @@ def main(argv=None, environ=None) -> None:
         bootFailed("start", EXIT_START_FAILED)
 
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", worker.beforeShutdown)
     reactor.callWhenRunning(installSignals)
     reactor.callWhenRunning(worker.ready)
     reactor.run()
+    log.info("worker {workerId} (pid {pid}) stopped", workerId=workerId, pid=os.getpid())
     logFile.flush()
     sys.exit(0)
 

@@ -132,6 +132,10 @@ class Options(usage.Options):
                 f"--scheduling must be one of {', '.join(SCHEDULING_CHOICES)}, "
                 f"not {self['scheduling']!r}"
             )
+        if self["max-requests"] and self["scheduling"] == "shared":
+            from txcluster._master import MAX_REQUESTS_SHARED
+
+            raise usage.UsageError(MAX_REQUESTS_SHARED)
         self["app"] = checkApp(self["app"])
         from txcluster._access import BadListenDescription, parseDeclared, parsePattern
 

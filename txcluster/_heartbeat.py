@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.test_heartbeat -*-
+"""
+The heartbeat: the master pings each ready worker over its channel, and
+the worker's reactor answers.  A worker whose reactor is blocked does not,
+which a liveness check on a side thread would miss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+
+from txcluster._lifecycle import Phase, WorkerProcess
+
+#: The shortest time between two rounds of pings.
+MINIMUM_INTERVAL = 0.05
+
+
+class Heartbeat:
+    """
+    Pings every ready worker each C{timeout}/3 seconds; one that has not
+    answered for C{timeout} seconds is reported to C{hung} (once).
+
+    @ivar roundTrips: each process's last ping round trip, in seconds (how
+        long its reactor took to get to the ping).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeout: float,
+        processes: Callable[[], Iterable[WorkerProcess]],
+        ping: Callable[[WorkerProcess], Optional[defer.Deferred]],
+        hung: Callable[[WorkerProcess, float], None],
+    ) -> None:
+        """
+        @param timeout: seconds without an answer; 0 disables the heartbeat.
+        @param processes: the worker processes there are now.
+        @param ping: send a L{Ping}; the Deferred fires with the answer
+            (L{None}: the channel is closed, nothing was sent).
+        @param hung: called with a process that has not answered and how
+            long it has been silent.
+        """
+        self._clock = clock
+        self._timeout = timeout
+        self._processes = processes
+        self._ping = ping
+        self._hung = hung
+        self._sentAt: dict[WorkerProcess, float] = {}
+        self._call = None
+        self.roundTrips: dict[WorkerProcess, float] = {}
+
+    @property
+    def interval(self) -> float:
+        return max(MINIMUM_INTERVAL, self._timeout / 3.0)
+
+    def start(self) -> None:
+        """
+        Start beating (if the timeout is not 0).
+        """
+        if self._timeout > 0 and self._call is None:
+            self._call = self._clock.callLater(self.interval, self._again)
+
+    def stop(self) -> None:
+        """
+        Stop beating; answers still on their way are ignored.
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._sentAt.clear()
+
+    def forget(self, process: WorkerProcess) -> None:
+        """
+        C{process} is gone.
+        """
+        self._sentAt.pop(process, None)
+        self.roundTrips.pop(process, None)
+
+    def _again(self) -> None:
+        self._call = None
+        self.beat()
+        self.start()
+
+    def beat(self) -> None:
+        """
+        One round: ping the ready workers that have answered the last ping,
+        and report those silent for too long.
+        """
+        now = self._clock.seconds()
+        for process in list(self._processes()):
+            if process.phase is not Phase.READY:
+                self._sentAt.pop(process, None)
+                continue
+            sentAt = self._sentAt.get(process)
+            if sentAt is not None:
+                if now - sentAt >= self._timeout:
+                    # Reported once: the master is killing it.
+                    self._sentAt[process] = float("inf")
+                    self._hung(process, now - sentAt)
+                continue
+            answer = self._ping(process)
+            if answer is None:
+                continue
+            self._sentAt[process] = now
+            answer.addCallbacks(self._answered, lambda f: None, callbackArgs=(process, now))
+
+    def _answered(self, _, process: WorkerProcess, sentAt: float) -> None:
+        if self._sentAt.get(process) == sentAt:
+            del self._sentAt[process]
+            self.roundTrips[process] = self._clock.seconds() - sentAt

@@ -1,0 +1,479 @@
+# -*- test-case-name: tests.test_master -*-
+"""
+The supervisor: keeps one L{Slot} per worker id and carries out what the
+slots decide — spawning, respawning with backoff, giving up, rolling
+reloads, scaling, recycling (C{--max-requests}) and the graceful stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txcluster import _events
+from txcluster._commands import Ping
+from txcluster._deferreds import observe
+from txcluster._handles import HandleTable
+from txcluster._heartbeat import Heartbeat
+from txcluster._lifecycle import (
+    ClusterStopped,
+    Drain,
+    Effects,
+    Fire,
+    Kill,
+    ReloadFailed,
+    Serve,
+    Slot,
+    Spawn,
+    WorkerProcess,
+    seconds,
+)
+from txcluster._policy import FailureWindow
+from txcluster._processes import ProcessTable
+
+_log = Logger(namespace="txcluster.master")
+
+
+class Supervisor:
+    """
+    Runs C{config.workers} worker slots over a L{ProcessTable}.
+
+    It is each slot's L{txcluster._lifecycle.SlotHost} and the table's
+    L{txcluster._processes.ProcessObserver}.
+
+    @param restartPolicy: the delay before a respawn, given how many times
+        in a row the worker id was lost soon after it started.
+    @param giveUp: called with the exit code once too many workers failed.
+    """
+
+    def __init__(
+        self,
+        config,
+        clock,
+        restartPolicy: Callable[[int], float],
+        emit: Callable[[Any], None],
+        giveUp: Callable[[int], None],
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._restartPolicy = restartPolicy
+        self._emit = emit
+        self._giveUp = giveUp
+        self._failures = FailureWindow(config.maxRestarts, config.restartWindow)
+        self.slots: dict[int, Slot] = {}
+        self.target = config.workers
+        self.processes: Optional[ProcessTable] = None
+        self.handles: Optional[HandleTable] = None
+        self.heartbeat: Optional[Heartbeat] = None
+        self._watchers: dict[Slot, list] = {}
+        self._reloading: Optional[defer.Deferred] = None
+        self._reloadMark = 0
+        self._stopping: Optional[defer.Deferred] = None
+        self.gaveUp = False
+
+    def attach(self, processes: ProcessTable, handles: HandleTable) -> None:
+        """
+        Work with C{processes}, whose connections C{handles} dispatch.
+        """
+        self.processes = processes
+        self.handles = handles
+        self.heartbeat = Heartbeat(
+            self._clock,
+            self.config.workerTimeout,
+            lambda: self.processes.processes,
+            lambda p: p.channel.callRemote(Ping) if p.channel.transport is not None else None,
+            processes.hung,
+        )
+
+    # SlotHost ------------------------------------------------------------------
+
+    @property
+    def startTimeout(self) -> float:
+        return self.config.startTimeout
+
+    @property
+    def stableAfter(self) -> float:
+        return self.config.stableAfter
+
+    @property
+    def maxRestartDelay(self) -> float:
+        return self.config.maxRestartDelay
+
+    def seconds(self) -> float:
+        return self._clock.seconds()
+
+    def callLater(self, delay: float, f: Callable, *args):
+        return self._clock.callLater(delay, f, *args)
+
+    def restartDelay(self, quickDeaths: int) -> float:
+        return self._restartPolicy(quickDeaths)
+
+    def timerFired(self, slot: Slot, event: Callable[[Slot], Effects]) -> None:
+        self.run(slot, event(slot))
+
+    # Effects -------------------------------------------------------------------
+
+    def run(self, slot: Slot, effects: Effects) -> None:
+        """
+        Carry out what C{slot} decided, in order.
+        """
+        for effect in effects:
+            if isinstance(effect, Spawn):
+                if not self.processes.spawn(effect.process, self.target):
+                    self.run(slot, slot.processLost(effect.process))
+            elif isinstance(effect, Serve):
+                self._serve(effect.process)
+            elif isinstance(effect, Drain):
+                self.processes.drain(effect.process, effect.reason, effect.timeout)
+            elif isinstance(effect, Kill):
+                self.processes.condemn(effect.process, effect.how)
+            elif isinstance(effect, Fire):
+                _fire(effect.waiters, effect.result)
+        watchers = self._watchers.pop(slot, ())
+        _fire(watchers, None)
+
+    def _serve(self, process: WorkerProcess) -> None:
+        # Observers hear of it once the slot says so (one may reload or
+        # scale from there), and before the old worker is told to leave.
+        self._emit(_events.WorkerReady(process.workerId, process.pid))
+        if all(s.view().state == "serving" for s in self.slots.values()):
+            # Every worker is ready and has made its listens: a socket kept
+            # open for the replacement of a dead worker that nobody took
+            # up again would accept connections no one will serve.
+            self.handles.closeOrphans()
+        if process.allowance.exhausted:
+            self.limitReached(process)
+
+    def _changed(self, slot: Slot) -> defer.Deferred:
+        """
+        A Deferred firing after C{slot}'s next input.
+        """
+        d = defer.Deferred()
+        self._watchers.setdefault(slot, []).append(d)
+        return d
+
+    # Starting ------------------------------------------------------------------
+
+    def start(self) -> None:
+        for workerId in range(1, self.config.workers + 1):
+            self._startSlot(workerId)
+        self.heartbeat.start()
+
+    def _startSlot(self, workerId: int) -> Slot:
+        slot = self.slots[workerId] = Slot(workerId, self, self.processes.new)
+        self.run(slot, slot.start())
+        return slot
+
+    def slotOf(self, process: WorkerProcess) -> Optional[Slot]:
+        slot = self.slots.get(process.workerId)
+        if slot is not None and process in slot.view().processes:
+            return slot
+        return None
+
+    # ProcessObserver -----------------------------------------------------------
+
+    def processReady(self, process: WorkerProcess) -> None:
+        slot = self.slotOf(process)
+        if slot is None:
+            self._emit(_events.WorkerReady(process.workerId, process.pid))
+            return
+        self.run(slot, slot.processReady(process))
+
+    def processLost(self, process: WorkerProcess) -> None:
+        slot = self.slotOf(process)
+        if slot is not None:
+            self.run(slot, slot.processLost(process))
+
+    def processEnded(self, process: WorkerProcess) -> None:
+        self.heartbeat.forget(process)
+        ending = process.ending
+        if ending.failure is not None and self._stopping is None and not self.gaveUp:
+            if self._failures.record(self._clock.seconds()):
+                self._gaveUpOn(process)
+        self.processLost(process)
+
+    def failures(self) -> int:
+        return self._failures.count(self._clock.seconds())
+
+    def _gaveUpOn(self, process: WorkerProcess) -> None:
+        self.gaveUp = True
+        tail = "\n".join(process.output.stderrTail) or "(the worker wrote nothing on stderr)"
+        _log.critical(
+            "giving up: more than {maxRestarts} worker failures within {window}; "
+            "the last was {worker}, which {how}. Its last error output:\n{tail}",
+            maxRestarts=self.config.maxRestarts,
+            window=seconds(self.config.restartWindow),
+            worker=process.describe(),
+            how=process.ending.failure,
+            tail=tail,
+            workerId=process.workerId,
+            pid=process.pid,
+        )
+        self._giveUp(1)
+
+    # Recycling -----------------------------------------------------------------
+
+    def limitReached(self, process: WorkerProcess) -> None:
+        """
+        C{process} has been sent all the connections it may take
+        (C{--max-requests}): replace it, gated on its replacement's
+        readiness.  Meanwhile it takes connections only when no other
+        worker can (the dispatchers see its allowance).
+        """
+        slot = self.slotOf(process)
+        if slot is None or self._stopping is not None:
+            return
+        view = slot.view()
+        if view.state != "serving" or view.current is not process:
+            return
+        _log.info(
+            "{worker} was sent its {limit} connections (--max-requests): recycling it",
+            worker=process.describe(),
+            limit=process.allowance.limit,
+            workerId=process.workerId,
+            pid=process.pid,
+        )
+        done = defer.Deferred()
+        done.addErrback(
+            lambda f: _log.error(
+                "recycling worker {workerId} failed: {why}", workerId=process.workerId, why=f.getErrorMessage()
+            )
+        )
+        self._replace(slot, "recycle", done)
+
+    def _replace(self, slot: Slot, reason: str, done: defer.Deferred) -> None:
+        self.run(slot, slot.replace(reason, done))
+        view = slot.view()
+        if view.state == "replacing" and view.successor.pid is not None:
+            _log.info(
+                "{reason}: {worker} is replaced by pid {newPid}; it serves until the replacement is ready",
+                reason=reason,
+                worker=view.current.describe(),
+                newPid=view.successor.pid,
+                workerId=slot.workerId,
+                pid=view.current.pid,
+            )
+
+    # Reloading -----------------------------------------------------------------
+
+    def reload(self) -> defer.Deferred:
+        """
+        See L{txcluster.ClusterService.reload}.
+        """
+        if self._stopping is not None:
+            return defer.fail(ClusterStopped("the cluster is stopping"))
+        self._reloadMark = self.processes.lastSerial
+        if self._reloading is not None:
+            _log.info(
+                "reload requested while one is running: every worker started before now is "
+                "replaced too"
+            )
+            return observe(self._reloading)
+        # _reload() may finish at once (nothing to replace), and then
+        # finished() has cleared self._reloading already.
+        reloading = self._reloading = defer.ensureDeferred(self._reload())
+
+        def finished(result):
+            self._reloading = None
+            return result
+
+        reloading.addBoth(finished)
+        return observe(reloading)
+
+    def _stale(self, slot: Slot, mark: int) -> bool:
+        view = slot.view()
+        return view.state in ("booting", "serving", "replacing") and any(
+            p.serial <= mark for p in view.processes
+        )
+
+    async def _reload(self) -> None:
+        _log.info(
+            "reload: replacing {count} workers, {concurrency} at a time",
+            count=len(self.slots),
+            concurrency=self.config.reloadConcurrency,
+        )
+        replaced = [0]
+        while True:
+            mark = self._reloadMark
+            stale = [self.slots[w] for w in sorted(self.slots) if self._stale(self.slots[w], mark)]
+            if not stale:
+                break
+            semaphore = defer.DeferredSemaphore(self.config.reloadConcurrency)
+            failures: list = []
+
+            async def step(slot: Slot) -> None:
+                if failures or self._stopping is not None:
+                    return
+                try:
+                    replaced[0] += await self._refresh(slot, mark)
+                except Exception as e:
+                    failures.append(e)
+
+            await defer.DeferredList(
+                [semaphore.run(lambda s=s: defer.ensureDeferred(step(s))) for s in stale]
+            )
+            if failures:
+                why = _unwrap(failures[0])
+                _log.error("reload aborted: {why}; the remaining old workers keep serving", why=why)
+                raise ReloadFailed(str(why))
+            if self._stopping is not None:
+                raise ClusterStopped("the cluster is stopping")
+        # The old processes are gone before the reload is done: no worker
+        # runs code loaded before it was asked for.
+        await defer.DeferredList(
+            [observe(p.exited) for p in self.processes.processes if p.serial <= self._reloadMark]
+        )
+        _log.info("reload complete: {count} workers replaced", count=replaced[0])
+
+    async def _refresh(self, slot: Slot, mark: int) -> int:
+        """
+        Make C{slot} run a process made after C{mark}: replace its ready
+        process, or wait for a booting one to be ready and replace it then.
+
+        @return: how many processes were replaced.
+        """
+        count = 0
+        while self.slots.get(slot.workerId) is slot and self._stopping is None:
+            view = slot.view()
+            if view.state == "serving":
+                if view.current.serial > mark:
+                    break
+                done = defer.Deferred()
+                self._replace(slot, "reload", done)
+                await done
+                count += 1
+            elif view.state in ("booting", "replacing") and self._stale(slot, mark):
+                await self._changed(slot)
+            else:
+                break
+        return count
+
+    # Scaling -------------------------------------------------------------------
+
+    def workerCount(self) -> int:
+        return len(self.slots)
+
+    def scale(self, count: int) -> defer.Deferred:
+        """
+        See L{txcluster.ClusterService.scale}.
+        """
+        if count < 1:
+            return defer.fail(ValueError(f"a cluster needs at least 1 worker, not {count}"))
+        if self._stopping is not None:
+            return defer.fail(ClusterStopped("the cluster is stopping"))
+        active = sorted(self.slots)
+        waits: list = []
+        self.target = count
+        if count > len(active):
+            # An id still draining after a scale-down is free again: worker
+            # ids stay 1..N.
+            newIds = [w for w in range(1, count + 1) if w not in self.slots][: count - len(active)]
+            _log.info(
+                "scaling up from {old} to {new} workers: starting {ids}",
+                old=len(active),
+                new=count,
+                ids=newIds,
+            )
+            for workerId in newIds:
+                waits.append(self._startSlot(workerId).whenReady())
+        elif count < len(active):
+            retiring = active[count:]
+            _log.info(
+                "scaling down from {old} to {new} workers: draining {ids}",
+                old=len(active),
+                new=count,
+                ids=retiring,
+            )
+            for workerId in retiring:
+                waits.append(self._retire(self.slots.pop(workerId)))
+        self.processes.tellCount(count)
+        return defer.gatherResults(waits, consumeErrors=True).addCallbacks(lambda _: None, _firstFailure)
+
+    def _retire(self, slot: Slot) -> defer.Deferred:
+        held = slot.view().processes
+        self.run(slot, slot.retire())
+        gone = defer.DeferredList([observe(p.exited) for p in held])
+
+        def retired(_):
+            _log.info("worker {workerId} retired", workerId=slot.workerId)
+
+        return gone.addCallback(retired)
+
+    # Stopping ------------------------------------------------------------------
+
+    def stop(self) -> defer.Deferred:
+        """
+        See L{txcluster.ClusterService.stopService}.
+        """
+        if self._stopping is None:
+            self._stopping = defer.ensureDeferred(self._stop())
+        return observe(self._stopping)
+
+    async def _stop(self) -> None:
+        _log.info(
+            "master stopping: {count} workers, graceful timeout {timeout}",
+            count=len(self.processes.processes),
+            timeout=seconds(self.config.gracefulTimeout),
+        )
+        self.processes.stopping = True
+        self.heartbeat.stop()
+        deadline = self._clock.seconds() + self.config.gracefulTimeout
+        # Every slot stops now (nothing respawns, nobody waits for a ready
+        # worker any more); its processes are asked to leave once the
+        # connections already accepted have gone to them.
+        drains: list = []
+        for slot in list(self.slots.values()):
+            effects = slot.stop(self.config.gracefulTimeout)
+            drains.extend(e for e in effects if isinstance(e, Drain))
+            self.run(slot, [e for e in effects if not isinstance(e, Drain)])
+        self.handles.stopAccepting()
+        idle = self.handles.whenIdle()
+        timeout = self._clock.callLater(self.config.gracefulTimeout, idle.cancel)
+        try:
+            await idle
+        except defer.CancelledError:
+            _log.warn("connections still waiting for a worker after the graceful timeout")
+        else:
+            if timeout.active():
+                timeout.cancel()
+        # Handing out the last accepted connections is part of the graceful
+        # period, not added to it.
+        remaining = max(0.0, deadline - self._clock.seconds())
+        for drain in drains:
+            self.processes.drain(drain.process, drain.reason, remaining)
+        for process in self.processes.sorted():
+            self.processes.drain(process, "stop", remaining)
+        await defer.DeferredList([observe(p.exited) for p in list(self.processes.processes)])
+        self.handles.closeAll()
+        self.slots.clear()
+        _log.info("master stopped: all workers are gone")
+
+
+def _fire(waiters, result) -> None:
+    for d in waiters:
+        if d.called:
+            continue
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    if isinstance(error, defer.FirstError):
+        return error.subFailure.value
+    return error
+
+
+def _firstFailure(failure: Failure) -> Failure:
+    """
+    The failure inside a L{defer.FirstError}, so that callers see the
+    documented exception (L{ClusterStopped}) rather than the wrapper.
+    """
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure
+    return failure
+

@@ -1,0 +1,238 @@
+# -*- test-case-name: tests.test_twistedcompat -*-
+"""
+Every use txcluster makes of a Twisted (or AMP) private, in one place.
+
+Each name below reaches into something Twisted does not promise to keep:
+an attribute with a leading underscore, a base class's method called past
+an override, or a class built for one purpose used for another.  Each is
+pinned by a test in C{tests/test_twistedcompat.py} that fails with a message
+naming what changed in Twisted, so that an upgrade that breaks one of them
+is found here and not in production.
+
+What is used, and why:
+
+  - L{pendingBytes}: a C{FileDescriptor}'s unsent bytes (C{dataBuffer},
+    C{offset}, C{_tempDataLen}); a worker's synchronous listen drives its
+    transport by hand and must know whether there is something to write.
+  - L{BatchingUNIXServer}: Twisted's UNIX stream transport, whose
+    C{writeSomeData} sends the queued descriptors (C{_sendmsgQueue}) in one
+    C{sendmsg} instead of one each (C{_writeSomeDataBase}).
+  - L{adoptUNIXTransport}: C{Server._fromConnectedSocket}, to adopt a
+    socket with a transport class of our own (the reactor's
+    C{adoptStreamConnection} always uses Twisted's).
+  - L{SharedUNIXPort}: C{unix.Port} over an inherited listening socket
+    (C{_fromListeningDescriptor}) that neither chmods (C{_bindPath}),
+    shuts down (C{_shouldShutdown}) nor unlinks the path it does not own.
+  - L{unclaimedDescriptors}, L{outstandingRequests}, L{responderFor},
+    L{MAX_KEY_LENGTH}, L{readingValue}: AMP's received-descriptor store,
+    its table of unanswered requests, its command dispatch table, its key
+    length limit and its parser state, which the master's channel uses to
+    refuse what a hostile worker sends.
+  - L{makeConnectionQuietly}, L{connectionLostQuietly}: AMP's
+    C{makeConnection}/C{connectionLost} without the info-level line AMP
+    logs for every connection (and with the attributes that line needs).
+  - L{bindingOf}: the fields of a C{makeBinding()} argument to
+    C{listenTCP} (C{interfaces._Binding}).
+  - L{markTLS}: the C{_type} a port's C{repr} and C{getHost} logging use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+from errno import ENOBUFS, EWOULDBLOCK
+from typing import Optional
+
+from twisted.internet import error, main, tcp, unix
+from twisted.internet.interfaces import _Binding
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+
+#: The most file descriptors one C{sendmsg} may carry on Linux (SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE = 253
+
+#: AMP's limit on the length of a key, in bytes.
+MAX_KEY_LENGTH: int = amp.BinaryBoxProtocol._MAX_KEY_LENGTH
+
+
+# FileDescriptor ---------------------------------------------------------------
+
+
+def pendingBytes(transport) -> int:
+    """
+    How many bytes C{transport} (a C{FileDescriptor}) has been given and not
+    yet written: its C{dataBuffer} from C{offset}, plus the writes waiting
+    in C{_tempDataBuffer}.  There is no public accessor.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+# UNIX transports ------------------------------------------------------------
+
+
+class BatchingUNIXServer(unix.Server):
+    """
+    A UNIX stream transport that sends every queued file descriptor with the
+    pending bytes in one C{sendmsg} (up to L{MAX_FDS_PER_MESSAGE} per call),
+    where Twisted's sends one descriptor per call with one byte each.  The
+    receiver is an ordinary Twisted UNIX transport: it gets the descriptors
+    before the bytes of the box that names them, in order.
+    """
+
+    def writeSomeData(self, data):
+        queue = self._sendmsgQueue
+        if not queue:
+            return unix.Server._writeSomeDataBase.writeSomeData(self, data)
+        if len(queue) > len(data):
+            return error.FileDescriptorOverrun()
+        sent = 0
+        while queue:
+            batch = queue[:MAX_FDS_PER_MESSAGE]
+            # Every batch needs a byte to travel with; the last takes the rest.
+            last = len(batch) == len(queue)
+            chunk = data[sent:] if last else data[sent : sent + 1]
+            try:
+                sent += self.socket.sendmsg(
+                    [chunk], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _packFds(batch))]
+                )
+            except OSError as e:
+                if e.errno in (EWOULDBLOCK, ENOBUFS):
+                    return sent
+                return main.CONNECTION_LOST
+            del queue[: len(batch)]
+        return sent
+
+
+def _packFds(fds: list) -> bytes:
+    return struct.pack(f"{len(fds)}i", *fds)
+
+
+class _OneProtocolFactory(Factory):
+    def __init__(self, protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
+
+
+def adoptUNIXTransport(reactor, fd: int, protocol, transportClass=BatchingUNIXServer):
+    """
+    Connect C{protocol} to the connected UNIX stream socket C{fd} with a
+    transport of class C{transportClass}: what
+    C{reactor.adoptStreamConnection(fd, AF_UNIX, factory)} does with
+    Twisted's own class.  C{fd} is C{dup()}ed; the caller closes its copy.
+
+    @return: the transport.
+    """
+    return transportClass._fromConnectedSocket(fd, _OneProtocolFactory(protocol), reactor)
+
+
+class SharedUNIXPort(unix.Port):
+    """
+    The UNIX port C{adoptStreamPort} would make, without what only the
+    socket's owner may do: the master owns the path, so a worker neither
+    resets its permissions when it starts listening nor removes the file
+    when it stops, and does not C{shutdown()} the listening socket (Twisted
+    spares adopted TCP ports that, not UNIX ones) — each would cut off the
+    master and every other worker.
+    """
+
+    _shouldShutdown = False
+
+    @classmethod
+    def adopt(cls, reactor, fd: int, factory) -> "SharedUNIXPort":
+        """
+        A port over the listening socket C{fd} (C{dup()}ed), listening.
+        """
+        port = cls._fromListeningDescriptor(reactor, fd, factory)
+        port.startListening()
+        return port
+
+    def startListening(self) -> None:
+        try:
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        except (OSError, TypeError, ValueError):
+            pass
+        super().startListening()
+
+    def connectionLost(self, reason) -> None:
+        # unix.Port.connectionLost would unlink the master's socket file.
+        tcp.Port.connectionLost(self, reason)
+
+
+# AMP ---------------------------------------------------------------------------
+
+
+def unclaimedDescriptors(proto: amp.BinaryBoxProtocol) -> dict:
+    """
+    The descriptors C{proto} received that no box has claimed yet (AMP's
+    C{_descriptors}: ordinal to descriptor).
+    """
+    return proto._descriptors
+
+
+def outstandingRequests(proto: amp.AMP) -> Optional[dict]:
+    """
+    The requests C{proto} sent and that were not answered (AMP's
+    C{_outstandingRequests}: tag to Deferred), or L{None} once the
+    connection is gone.
+    """
+    return proto._outstandingRequests
+
+
+def responderFor(proto: amp.AMP, name: bytes):
+    """
+    C{(command class, responder function)} declared on C{proto}'s class for
+    the command called C{name}, or L{None} (AMP's C{_commandDispatch}).
+    """
+    return proto._commandDispatch.get(name)
+
+
+def readingValue(proto: amp.BinaryBoxProtocol) -> bool:
+    """
+    Whether C{proto}'s parser expects a value next (its C{state} is
+    C{"value"}): an empty string then is an empty value, not the end of a
+    box.
+    """
+    return proto.state == "value"
+
+
+def makeConnectionQuietly(proto: amp.AMP, transport) -> None:
+    """
+    C{proto.makeConnection(transport)} without the info-level line AMP logs
+    for every connection (a worker's channel is not news).
+    """
+    proto._transportPeer = transport.getPeer()
+    proto._transportHost = transport.getHost()
+    amp.BinaryBoxProtocol.makeConnection(proto, transport)
+
+
+def connectionLostQuietly(proto: amp.AMP, reason) -> None:
+    """
+    C{proto.connectionLost(reason)} without AMP's info-level line.
+    """
+    amp.BinaryBoxProtocol.connectionLost(proto, reason)
+    proto.transport = None
+
+
+# The reactor -----------------------------------------------------------------
+
+
+def bindingOf(port) -> Optional[tuple]:
+    """
+    C{(interface, port, reusePort)} when C{port}, given to C{listenTCP}, is a
+    C{makeBinding()} binding; L{None} for a plain port number.
+    """
+    if isinstance(port, _Binding):
+        return port._address, port._port, port._reusePort
+    return None
+
+
+def markTLS(port) -> None:
+    """
+    Make C{port} (a TCP port carrying TLS) say so where Twisted's own
+    C{listenSSL} ports do.
+    """
+    port._type = "TLS"

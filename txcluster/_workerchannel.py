@@ -1,0 +1,248 @@
+# -*- test-case-name: tests.test_worker -*-
+"""
+The worker's end of the AMP channel to its master.
+
+A listen is a synchronous round trip: the worker writes L{QueryServer} and
+reads the channel until the answer arrives (commands that arrive meanwhile
+are held and run afterwards, in order), so C{listenTCP} keeps Twisted's
+contract: it returns a port whose C{getHost()} is the real address, or
+raises L{CannotListenError}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from txcluster._commands import (
+    DescriptorList,
+    Disconnect,
+    NewConn,
+    Ping,
+    ToWorker,
+    WorkerCount,
+    closeUnclaimedDescriptors,
+)
+from txcluster._twistedcompat import connectionLostQuietly, makeConnectionQuietly, pendingBytes
+
+if TYPE_CHECKING:
+    from txcluster._worker import Worker
+
+_FDS = DescriptorList()
+
+#: How long a listen waits for the master's answer before giving up.
+QUERY_TIMEOUT = 30.0
+
+
+class MasterUnavailable(Exception):
+    """
+    The channel to the master is closed, or the master did not answer in time.
+    """
+
+
+class WorkerChannel(amp.AMP):
+    """
+    The worker's end of the AMP channel.
+
+    Boxes are dispatched only after AMP's parser has returned, never from
+    inside it, so that application code run by a command (a message
+    observer, a protocol adopted by L{NewConn}) may make a synchronous
+    listen, which reads the channel itself.  While such a call waits,
+    commands are held and run afterwards in arrival order; answers go
+    through at once.
+    """
+
+    def __init__(self, worker: "Worker") -> None:
+        super().__init__()
+        self._worker = worker
+        self._parsing = False
+        self._inbox: deque = deque()
+        self._holdDepth = 0
+        self._held: deque = deque()
+        self._replayScheduled = False
+        self._flushSoon = False
+
+    # Synchronous calls (listen) ------------------------------------------
+
+    def callSync(self, command, timeout: float = QUERY_TIMEOUT, **kw) -> Any:
+        """
+        Call C{command} and block until its answer arrives; commands from the
+        master that arrive meanwhile are held and run afterwards in order.
+        A descriptor in an answer that arrives after the call gave up is
+        closed.
+
+        @raise MasterUnavailable: the channel closed or C{timeout} passed.
+        @raise Exception: the error the master answered with.
+        """
+        transport = self.transport
+        if transport is None:
+            raise MasterUnavailable("the channel to the master is closed")
+        results: list = []
+        waiting = [True]
+
+        def arrived(result):
+            if waiting[0]:
+                results.append(result)
+            elif not isinstance(result, Failure):
+                closeAnswerDescriptors(command, result)
+            return None
+
+        self.callRemote(command, **kw).addBoth(arrived)
+        deadline = time.monotonic() + timeout
+        fd = transport.fileno()
+        self._holdDepth += 1
+        try:
+            while not results:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MasterUnavailable(
+                        f"the master did not answer {command.__name__} within {timeout:g} s"
+                    )
+                wantWrite = pendingBytes(transport) > 0
+                readable, writable, _ = select.select(
+                    [fd], [fd] if wantWrite else [], [], remaining
+                )
+                if writable and _isLost(transport.doWrite()):
+                    raise MasterUnavailable("the channel to the master closed")
+                if readable and _isLost(transport.doRead()):
+                    raise MasterUnavailable("the channel to the master closed")
+        finally:
+            waiting[0] = False
+            self._holdDepth -= 1
+            self._scheduleReplay()
+        result = results[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+
+    def dataReceived(self, data: bytes) -> None:
+        self._parsing = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._parsing = False
+        self._dispatch()
+        if self._flushSoon:
+            self._flush()
+
+    def ampBoxReceived(self, box) -> None:
+        # Called by the parser: only queue.
+        self._inbox.append(box)
+        if not self._parsing:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._inbox:
+            box = self._inbox.popleft()
+            if amp.COMMAND in box and (self._holdDepth or self._held):
+                if box[amp.COMMAND] == Disconnect.commandName:
+                    # Known now, acted on once the call returns: a start-up
+                    # that fails because of it is not a failure.
+                    self._worker.leaveRequested = True
+                self._held.append(box)
+                self._scheduleReplay()
+            elif box.get(amp.COMMAND) == NewConn.commandName:
+                self._newConnBox(box)
+            else:
+                amp.AMP.ampBoxReceived(self, box)
+
+    def _newConnBox(self, box) -> None:
+        # The hot path: NewConn's arguments parsed and its answer sent
+        # directly, without the responder's Deferred and locator machinery.
+        # Anything unexpected takes the general path, which answers errors.
+        try:
+            listenId = int(box[b"listenId"])
+            fds = _FDS.fromStringProto(box[b"fds"], self)
+        except Exception:
+            amp.AMP.ampBoxReceived(self, box)
+            return
+        before = self._worker.openConnections
+        accepted = self._worker._adopt(listenId, fds)
+        self._flushSoon = True
+        ask = box.get(amp.ASK)
+        if ask is not None:
+            self.sendBox(
+                amp.AmpBox({amp.ANSWER: ask, b"accepted": b"%d" % accepted, b"connections": b"%d" % before})
+            )
+
+    def _scheduleReplay(self) -> None:
+        if self._held and not self._holdDepth and not self._replayScheduled:
+            self._replayScheduled = True
+            self._worker.reactor.callLater(0, self._replay)
+
+    def _replay(self) -> None:
+        self._replayScheduled = False
+        while self._held and not self._holdDepth:
+            amp.AMP.ampBoxReceived(self, self._held.popleft())
+        self._flush()
+        self._scheduleReplay()
+
+    def _flush(self) -> None:
+        # A connection the worker adopted must not be read before the
+        # master knows it was taken: if the worker died in between, the
+        # master would give a half-read connection to another worker.
+        self._flushSoon = False
+        if self.transport is not None and pendingBytes(self.transport):
+            self.transport.doWrite()
+
+    # Responders -----------------------------------------------------------
+
+    @NewConn.responder
+    def newConn(self, listenId: int, fds: list) -> dict:
+        self._flushSoon = True
+        before = self._worker.openConnections
+        return {"accepted": self._worker._adopt(listenId, fds), "connections": before}
+
+    @Disconnect.responder
+    def disconnect(self, timeout: float) -> dict:
+        self._worker.leaveRequested = True
+        self._worker.reactor.callLater(0, self._worker.disconnect, timeout)
+        return {}
+
+    @Ping.responder
+    def ping(self) -> dict:
+        return {}
+
+    @ToWorker.responder
+    def toWorker(self, message: str) -> dict:
+        self._worker._deliver(json.loads(message))
+        return {}
+
+    @WorkerCount.responder
+    def workerCount(self, count: int) -> dict:
+        self._worker.count = count
+        return {}
+
+    def makeConnection(self, transport) -> None:
+        makeConnectionQuietly(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        closeUnclaimedDescriptors(self)
+        connectionLostQuietly(self, reason)
+        self._worker._masterGone(reason)
+
+
+def closeAnswerDescriptors(command, answer: dict) -> None:
+    """
+    Close the descriptors in C{answer}, an answer to C{command} nobody
+    will take.
+    """
+    for name, argument in command.response:
+        if isinstance(argument, amp.Descriptor):
+            fd = answer.get(name.decode("ascii"))
+            if isinstance(fd, int):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _isLost(result) -> bool:
+    return result is not None and result != 0
