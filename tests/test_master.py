@@ -54,11 +54,13 @@ from txcluster import _commands, _processes
 from txcluster._commands import (
     BindFailed,
     Disconnect,
+    Leaving,
     ListenRefused,
     NewConn,
     Ping,
     ToMaster,
     UnknownListen,
+    WorkerLeaving,
 )
 from txcluster._master import CHANNEL_LOST_GRACE, STACK_DUMP_GRACE
 from txcluster._policy import requestLimit
@@ -1247,6 +1249,249 @@ class RecycleTests(ClusterTestsMixin, SynchronousTestCase):
         self.connect(5)
         self.assertEqual(len(self.spawner.workers), 1)
         self.assertEqual(self.cluster.statistics().workers[0].handed, 5)
+
+
+class LimitTests(ClusterTestsMixin, SynchronousTestCase):
+    """
+    C{--max-requests} is a per-worker cap the dispatchers hold: a worker
+    that was sent its connections takes no more while another worker in
+    rotation can, and only one worker at a time goes over its limit when
+    none can.
+    """
+
+    def limits(self, *limits) -> None:
+        """
+        Give worker processes these limits, in spawn order (then none).
+        """
+        given = list(limits)
+        self.patch(_processes, "requestLimit", lambda maxRequests, jitter: given.pop(0) if given else 0)
+
+    def taken(self) -> dict:
+        return {w.pid: len(w.connections) for w in self.spawner.workers}
+
+    def test_noMoreThanItsLimitWhileAnotherCanTake(self) -> None:
+        """
+        Once worker 1 was sent its 2 connections, every new one goes to
+        worker 2 while worker 1's replacement starts; the replacement, once
+        ready, takes its share.
+        """
+        self.limits(2, 100)
+        self.readyCluster(2, listens=[LOCAL], maxRequests=1)
+        old = self.worker(1)
+        self.connect(10)
+        self.assertEqual(len(old.connections), 2)
+        self.assertEqual(len(self.worker(2).connections), 8)
+        new = self.worker(1)
+        self.assertIsNot(new, old)
+        new.start([LOCAL])
+        self.assertTrue(old.disconnectRequested)
+        self.connect(4)
+        self.assertEqual(len(old.connections), 2)
+        self.assertEqual(len(new.connections), 2)
+
+    def test_onlyOneGoesOver(self) -> None:
+        """
+        When every worker in rotation has used its allowance, one of them
+        (the same one) takes what comes until a replacement is ready: the
+        port is served, and only that worker goes over its limit.
+        """
+        self.limits(2, 2)
+        self.readyCluster(2, listens=[LOCAL], maxRequests=1)
+        first, second = self.worker(1), self.worker(2)
+        self.connect(4)
+        self.assertEqual((len(first.connections), len(second.connections)), (2, 2))
+        self.connect(5)
+        over = sorted([len(first.connections), len(second.connections)])
+        self.assertEqual(over, [2, 7])
+        self.assertEqual(len(self.spawner.workers), 4)
+        self.assertEqual(self.cluster.statistics().dropped, 0)
+
+    def test_freshReplacementIsNeverHeldBack(self) -> None:
+        """
+        The replacement of a recycled worker has an allowance of its own:
+        it takes connections as soon as it listens, even while the worker
+        it replaces is over its limit.
+        """
+        self.limits(1)
+        self.readyCluster(1, listens=[LOCAL], maxRequests=1)
+        old = self.worker(1)
+        self.connect(3)
+        self.assertEqual(len(old.connections), 3)
+        new = self.worker(1)
+        new.start([LOCAL])
+        self.connect(3)
+        self.assertEqual((len(old.connections), len(new.connections)), (3, 3))
+
+    def test_leastBusy(self) -> None:
+        """
+        The cap holds under least-busy scheduling too.
+        """
+        self.limits(2, 100)
+        self.readyCluster(2, listens=[LOCAL], maxRequests=1, scheduling="least-busy")
+        old = self.worker(1)
+        self.connect(10)
+        self.assertEqual(len(old.connections), 2)
+        self.assertEqual(len(self.worker(2).connections), 8)
+
+    def test_sharedSchedulingRefused(self) -> None:
+        """
+        Under shared scheduling the workers accept on their own, so the
+        master cannot count their connections: the option is refused,
+        naming it and the mode.
+        """
+        e = self.assertRaises(ValueError, ClusterConfig, app="app.tac", maxRequests=10, scheduling="shared")
+        self.assertIn("--max-requests needs --scheduling rr or least-busy", str(e))
+
+    def test_datagramsRefused(self) -> None:
+        """
+        A UDP socket is shared, so the cap could not hold for it: under
+        --max-requests a UDP listen is refused with a message naming the
+        option.
+        """
+        self.readyCluster(1, maxRequests=10)
+        answer = self.worker(1).queryServer("udp4", "127.0.0.1", 0)
+        failure = self.failureResultOf(answer, ListenRefused)
+        self.assertIn("--max-requests counts connections", failure.getErrorMessage())
+        self.assertLogged("may not listen on udp:127.0.0.1:0: --max-requests", LogLevel.warn)
+
+
+class LeaveOnItsOwnTests(ClusterTestsMixin, SynchronousTestCase):
+    """
+    A worker that leaves on its own (it was sent SIGTERM, its application
+    called C{disconnect()} or stopped the reactor) or that a stop signal
+    ended is replaced, and that is not a failure; a crash still is.
+    """
+
+    def test_announcedLeaveIsReplacedAtOnce(self) -> None:
+        """
+        A worker that says it is leaving goes out of rotation and is
+        replaced under its id at once; its exit is not counted, even with
+        C{maxRestarts=0}.
+        """
+        cluster = self.readyCluster(2, listens=[LOCAL], maxRestarts=0, stableAfter=0)
+        old = self.worker(1)
+        old.callRemote(Leaving, why="SIGTERM")
+        self.assertLogged(f"worker 1 (pid {old.pid}) is leaving on its own (SIGTERM): replacing it", LogLevel.info)
+        self.assertEqual(self.eventsOf(WorkerDisconnected), [WorkerDisconnected(1, old.pid, "SIGTERM")])
+        new = self.worker(1)
+        self.assertIsNot(new, old)
+        self.connect(2)
+        self.assertEqual(old.connections, [])
+        old.exit(0)
+        self.assertLogged(
+            f"worker 1 (pid {old.pid}) exited (exit code 0) after leaving on its own (SIGTERM); "
+            "not counted as a failure"
+        )
+        self.assertEqual(cluster.statistics().failures, 0)
+        self.assertEqual(self.gaveUp, [])
+        self.assertEqual(self.eventsOf(WorkerExited)[-1], WorkerExited(1, old.pid, 0, None, True))
+
+    def test_stopSignalIsNotAFailure(self) -> None:
+        """
+        A worker killed by SIGTERM (before its handler is installed, say) is
+        respawned and not counted; one killed by SIGKILL is counted.
+        """
+        cluster = self.readyCluster(2, maxRestarts=1, stableAfter=0)
+        self.worker(1).kill(signal.SIGTERM)
+        self.assertLogged("exited (killed by SIGTERM): it was sent SIGTERM; not counted as a failure")
+        self.worker(1).kill(signal.SIGTERM)
+        self.assertEqual(cluster.statistics().failures, 0)
+        self.worker(2).kill(signal.SIGKILL)
+        self.assertLogged("died (killed by SIGKILL)", LogLevel.error)
+        self.assertEqual(cluster.statistics().failures, 1)
+        self.assertEqual(self.gaveUp, [])
+
+    def test_leavingReplacementFailsTheReload(self) -> None:
+        """
+        A replacement that leaves on its own before it was ready fails the
+        reload, and the old worker serves on.
+        """
+        cluster = self.readyCluster(1)
+        old = self.worker(1)
+        d = cluster.reload()
+        new = self.worker(1)
+        new.online()
+        new.callRemote(Leaving, why="disconnect()")
+        failure = self.failureResultOf(d, ReloadFailed)
+        self.assertIn("left before it was ready (disconnect())", failure.getErrorMessage())
+        self.assertFalse(old.disconnectRequested)
+
+
+class StopDuringStartTests(ClusterTestsMixin, SynchronousTestCase):
+    """
+    A stop at any moment of start-up is quiet: a booting worker's listen is
+    answered "leaving" (not a warning, not a bind error), and its exit is a
+    normal one.
+    """
+
+    def test_listenWhileStopping(self) -> None:
+        """
+        A worker that was asked to leave while it started gets LEAVING for
+        its listen, which the master does not log as a problem.
+        """
+        cluster = self.makeCluster(1)
+        worker = self.worker(1)
+        worker.online()
+        d = cluster.stopService()
+        answer = worker.queryServer()
+        self.failureResultOf(answer, WorkerLeaving)
+        self.assertEqual(self.messages(LogLevel.warn), [])
+        self.spawner.flush()
+        self.assertTrue(worker.disconnectRequested)
+        worker.exit(0)
+        self.successResultOf(d)
+        self.assertLogged(f"worker 1 (pid {worker.pid}) exited (exit code 0)", LogLevel.info)
+        self.assertEqual(len(self.spawner.workers), 1)
+        self.assertEqual(cluster.exitCode, 0)
+
+    def test_newListenWhileStoppingIsNotBound(self) -> None:
+        """
+        While the master stops it binds nothing new: a listen on an address
+        no worker asked for before is answered LEAVING.
+        """
+        cluster = self.readyCluster(1, listens=[LOCAL])
+        self.worker(1).holding.add(NewConn)
+        self.connect(1)
+        cluster.stopService()
+        self.assertFalse(self.worker(1).disconnectRequested)
+        answer = self.worker(1).queryServer("tcp4", "127.0.0.1", 0, index=1)
+        self.failureResultOf(answer, WorkerLeaving)
+        self.assertEqual(len(self.cluster._table.handles()), 1)
+
+    def test_nothingRespawnsDuringAStop(self) -> None:
+        """
+        A worker that dies while the master waits for the last accepted
+        connections to be handed out is not respawned.
+        """
+        cluster = self.readyCluster(2, listens=[LOCAL], stableAfter=0)
+        self.worker(1).holding.add(NewConn)
+        self.connect(1)
+        d = cluster.stopService()
+        self.worker(2).exit(1)
+        self.assertEqual(len(self.spawner.workers), 2)
+        self.assertNoResult(d)
+
+
+class ObserverTests(ClusterTestsMixin, SynchronousTestCase):
+    def test_reloadFromAReadyEvent(self) -> None:
+        """
+        An observer may reload (or scale) from the event that says a worker
+        is ready: the slot's input has returned by then.
+        """
+        cluster = self.makeCluster(1)
+        reloads = []
+
+        def observer(event):
+            if isinstance(event, WorkerReady) and not reloads:
+                reloads.append(cluster.reload())
+
+        cluster.addObserver(observer)
+        first = self.worker(1)
+        first.start()
+        self.assertEqual(len(self.spawner.workers), 2)
+        self.worker(1).start()
+        first.exit(0)
+        self.successResultOf(reloads[0])
 
 
 class StopTests(ClusterTestsMixin, SynchronousTestCase):

@@ -87,6 +87,16 @@ class OptionsTests(SynchronousTestCase):
                 parse("--app", app("web.tac"), *args)
             self.assertIn(option, str(e.exception), args)
 
+    def test_maxRequestsNeedsTheMasterToHandOut(self):
+        """
+        --max-requests with --scheduling shared is refused, naming both: the
+        workers accept on their own there, so nobody could count.
+        """
+        with self.assertRaises(usage.UsageError) as e:
+            parse("--app", app("web.tac"), "--max-requests", "100", "--scheduling", "shared")
+        self.assertIn("--max-requests needs --scheduling rr or least-busy", str(e.exception))
+        self.assertEqual(parse("--app", app("web.tac"), "--max-requests", "100", "-s", "least-busy")["max-requests"], 100)
+
     def test_app(self):
         """
         --app is required, must exist, be a file and be readable; it is made

@@ -560,10 +560,16 @@ class SynchronousCallTests(unittest.TestCase):
         self.messages = []
         self.worker.addMessageObserver(self.messages.append)
 
-    def _disconnect(self):
+    async def _disconnect(self):
+        # Wait until the channel really is gone, while exitSoon is still
+        # patched: a worker whose channel closes makes sure it exits.
         if self.channel.transport is not None:
             self.channel.transport.loseConnection()
-        return task.deferLater(reactor, 0, lambda: None)
+        for _ in range(200):
+            if self.channel.transport is None:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertIsNone(self.channel.transport)
 
     def playMaster(self, before=(), answer=True, close=False):
         """

@@ -20,7 +20,7 @@ import os
 
 from twisted.protocols import amp
 
-from txcluster._twistedcompat import MAX_FDS_PER_MESSAGE, unclaimedDescriptors
+from txcluster._twistedcompat import unclaimedDescriptors
 
 #: The file descriptor number of the AMP channel in a worker.
 CHANNEL_FD = 3

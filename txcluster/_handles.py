@@ -126,6 +126,14 @@ class HandleTable:
 
     # Lookups
 
+    @property
+    def accepting(self) -> bool:
+        """
+        Whether the master still accepts connections (it stops for good
+        with L{stopAccepting}).
+        """
+        return self._accepting
+
     def get(self, listenId: int) -> Optional[Handle]:
         return self._byId.get(listenId)
 

@@ -74,6 +74,8 @@ class ListenBroker:
             # Quietly: a worker told to leave while its application starts
             # exits without calling that a failure.
             raise WorkerLeaving("this worker is leaving the cluster")
+        if not self.table.accepting:
+            raise WorkerLeaving("the master is stopping")
         key = ListenKey(kind, normalizeAddress(kind, address), port, index)
         if not key.isStream and self._datagramsRefused is not None:
             why = f"{key.describe()}: {self._datagramsRefused}"

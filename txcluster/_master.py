@@ -24,7 +24,7 @@ from txcluster._access import ListenPolicy, parseDeclared, parsePattern, workerI
 from txcluster._handles import SCHEDULING, SHARED, HandleStatistics, HandleTable
 from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed
 from txcluster._listens import ListenBroker
-from txcluster._policy import restartDelay
+from txcluster._policy import MAX_REQUESTS_DATAGRAMS, MAX_REQUESTS_SHARED, restartDelay
 from txcluster._process import spawnWorker
 from txcluster._processes import CHANNEL_LOST_GRACE, STACK_DUMP_GRACE, ProcessTable
 from txcluster._scheduler import DEFAULT_WINDOW
@@ -114,20 +114,6 @@ class ClusterConfig:
     def __attrs_post_init__(self) -> None:
         if self.maxRequests and self.scheduling == SHARED:
             raise ValueError(MAX_REQUESTS_SHARED)
-
-
-#: Why C{--max-requests} and C{--scheduling shared} do not go together.
-MAX_REQUESTS_SHARED = (
-    "--max-requests needs --scheduling rr or least-busy: under shared scheduling "
-    "the workers accept connections themselves, so the master cannot count them"
-)
-
-#: Why a UDP listen is refused under C{--max-requests}.
-MAX_REQUESTS_DATAGRAMS = (
-    "--max-requests counts connections the master hands out, and a UDP socket is shared "
-    "(each worker reads its datagrams itself), so the limit could not hold; "
-    "run UDP without --max-requests"
-)
 
 
 @frozen

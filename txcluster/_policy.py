@@ -12,6 +12,19 @@ import random
 from collections import deque
 from typing import Callable
 
+#: Why C{--max-requests} and C{--scheduling shared} do not go together.
+MAX_REQUESTS_SHARED = (
+    "--max-requests needs --scheduling rr or least-busy: under shared scheduling "
+    "the workers accept connections themselves, so the master cannot count them"
+)
+
+#: Why a UDP listen is refused under C{--max-requests}.
+MAX_REQUESTS_DATAGRAMS = (
+    "--max-requests counts connections the master hands out, and a UDP socket is shared "
+    "(each worker reads its datagrams itself), so the limit could not hold; "
+    "run UDP without --max-requests"
+)
+
 
 def restartDelay(
     quickDeaths: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from errno import ENOTCONN
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -20,10 +20,21 @@ from zope.interface import implementer
 
 from txcluster._deferreds import observe
 
-if TYPE_CHECKING:
-    from txcluster._worker import Worker
-
 _log = Logger(namespace="txcluster.worker")
+
+
+class PortOwner(Protocol):
+    """
+    What a port needs of the worker it belongs to (a L{txcluster.Worker}).
+    """
+
+    reactor: object
+    tracker: "ConnectionTracker"
+
+    def _close(self, port) -> defer.Deferred:
+        """
+        C{port} stopped listening: tell the master.
+        """
 
 
 class ConnectionTracker:
@@ -109,7 +120,7 @@ class DispatchedPort:
     @ivar listenId: the master's id for the shared handle.
     """
 
-    def __init__(self, worker: "Worker", listenId: int, family: int, factory, host) -> None:
+    def __init__(self, worker: PortOwner, listenId: int, family: int, factory, host) -> None:
         self._worker = worker
         self.listenId = listenId
         self._family = family
@@ -179,7 +190,7 @@ class AdoptedPort:
     when it closes.
     """
 
-    def __init__(self, worker: "Worker", listenId: int, port) -> None:
+    def __init__(self, worker: PortOwner, listenId: int, port) -> None:
         self._worker = worker
         self.listenId = listenId
         self._port = port

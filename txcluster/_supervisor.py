@@ -24,7 +24,6 @@ from txcluster._lifecycle import (
     Effects,
     Fire,
     Kill,
-    ReloadFailed,
     Serve,
     Slot,
     Spawn,
@@ -33,6 +32,7 @@ from txcluster._lifecycle import (
 )
 from txcluster._policy import FailureWindow
 from txcluster._processes import ProcessTable
+from txcluster._reload import RollingReload
 
 _log = Logger(namespace="txcluster.master")
 
@@ -69,8 +69,7 @@ class Supervisor:
         self.handles: Optional[HandleTable] = None
         self.heartbeat: Optional[Heartbeat] = None
         self._watchers: dict[Slot, list] = {}
-        self._reloading: Optional[defer.Deferred] = None
-        self._reloadMark = 0
+        self._reload = RollingReload(self)
         self._stopping: Optional[defer.Deferred] = None
         self.gaveUp = False
 
@@ -146,14 +145,6 @@ class Supervisor:
             self.handles.closeOrphans()
         if process.allowance.exhausted:
             self.limitReached(process)
-
-    def _changed(self, slot: Slot) -> defer.Deferred:
-        """
-        A Deferred firing after C{slot}'s next input.
-        """
-        d = defer.Deferred()
-        self._watchers.setdefault(slot, []).append(d)
-        return d
 
     # Starting ------------------------------------------------------------------
 
@@ -242,9 +233,34 @@ class Supervisor:
                 "recycling worker {workerId} failed: {why}", workerId=process.workerId, why=f.getErrorMessage()
             )
         )
-        self._replace(slot, "recycle", done)
+        self.replace(slot, "recycle", done)
 
-    def _replace(self, slot: Slot, reason: str, done: defer.Deferred) -> None:
+    # Reloading -----------------------------------------------------------------
+
+    def reload(self) -> defer.Deferred:
+        """
+        See L{txcluster.ClusterService.reload}.
+        """
+        if self._stopping is not None:
+            return defer.fail(ClusterStopped("the cluster is stopping"))
+        return self._reload.request()
+
+    def stopping(self) -> bool:
+        return self._stopping is not None
+
+    def changed(self, slot: Slot) -> defer.Deferred:
+        """
+        A Deferred firing after C{slot}'s next input.
+        """
+        d = defer.Deferred()
+        self._watchers.setdefault(slot, []).append(d)
+        return d
+
+    def replace(self, slot: Slot, reason: str, done: defer.Deferred) -> None:
+        """
+        Replace C{slot}'s ready process, gated on its replacement's
+        readiness; C{done} says how it went (see L{Slot.replace}).
+        """
         self.run(slot, slot.replace(reason, done))
         view = slot.view()
         if view.state == "replacing" and view.successor.pid is not None:
@@ -256,100 +272,6 @@ class Supervisor:
                 workerId=slot.workerId,
                 pid=view.current.pid,
             )
-
-    # Reloading -----------------------------------------------------------------
-
-    def reload(self) -> defer.Deferred:
-        """
-        See L{txcluster.ClusterService.reload}.
-        """
-        if self._stopping is not None:
-            return defer.fail(ClusterStopped("the cluster is stopping"))
-        self._reloadMark = self.processes.lastSerial
-        if self._reloading is not None:
-            _log.info(
-                "reload requested while one is running: every worker started before now is "
-                "replaced too"
-            )
-            return observe(self._reloading)
-        # _reload() may finish at once (nothing to replace), and then
-        # finished() has cleared self._reloading already.
-        reloading = self._reloading = defer.ensureDeferred(self._reload())
-
-        def finished(result):
-            self._reloading = None
-            return result
-
-        reloading.addBoth(finished)
-        return observe(reloading)
-
-    def _stale(self, slot: Slot, mark: int) -> bool:
-        view = slot.view()
-        return view.state in ("booting", "serving", "replacing") and any(
-            p.serial <= mark for p in view.processes
-        )
-
-    async def _reload(self) -> None:
-        _log.info(
-            "reload: replacing {count} workers, {concurrency} at a time",
-            count=len(self.slots),
-            concurrency=self.config.reloadConcurrency,
-        )
-        replaced = [0]
-        while True:
-            mark = self._reloadMark
-            stale = [self.slots[w] for w in sorted(self.slots) if self._stale(self.slots[w], mark)]
-            if not stale:
-                break
-            semaphore = defer.DeferredSemaphore(self.config.reloadConcurrency)
-            failures: list = []
-
-            async def step(slot: Slot) -> None:
-                if failures or self._stopping is not None:
-                    return
-                try:
-                    replaced[0] += await self._refresh(slot, mark)
-                except Exception as e:
-                    failures.append(e)
-
-            await defer.DeferredList(
-                [semaphore.run(lambda s=s: defer.ensureDeferred(step(s))) for s in stale]
-            )
-            if failures:
-                why = _unwrap(failures[0])
-                _log.error("reload aborted: {why}; the remaining old workers keep serving", why=why)
-                raise ReloadFailed(str(why))
-            if self._stopping is not None:
-                raise ClusterStopped("the cluster is stopping")
-        # The old processes are gone before the reload is done: no worker
-        # runs code loaded before it was asked for.
-        await defer.DeferredList(
-            [observe(p.exited) for p in self.processes.processes if p.serial <= self._reloadMark]
-        )
-        _log.info("reload complete: {count} workers replaced", count=replaced[0])
-
-    async def _refresh(self, slot: Slot, mark: int) -> int:
-        """
-        Make C{slot} run a process made after C{mark}: replace its ready
-        process, or wait for a booting one to be ready and replace it then.
-
-        @return: how many processes were replaced.
-        """
-        count = 0
-        while self.slots.get(slot.workerId) is slot and self._stopping is None:
-            view = slot.view()
-            if view.state == "serving":
-                if view.current.serial > mark:
-                    break
-                done = defer.Deferred()
-                self._replace(slot, "reload", done)
-                await done
-                count += 1
-            elif view.state in ("booting", "replacing") and self._stale(slot, mark):
-                await self._changed(slot)
-            else:
-                break
-        return count
 
     # Scaling -------------------------------------------------------------------
 
@@ -460,12 +382,6 @@ def _fire(waiters, result) -> None:
             d.errback(result)
         else:
             d.callback(result)
-
-
-def _unwrap(error: BaseException) -> BaseException:
-    if isinstance(error, defer.FirstError):
-        return error.subFailure.value
-    return error
 
 
 def _firstFailure(failure: Failure) -> Failure:

@@ -16,8 +16,9 @@ import os
 import select
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from twisted.internet.error import ConnectionLost
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -32,9 +33,6 @@ from txcluster._commands import (
 )
 from txcluster._twistedcompat import connectionLostQuietly, makeConnectionQuietly, pendingBytes
 
-if TYPE_CHECKING:
-    from txcluster._worker import Worker
-
 _FDS = DescriptorList()
 
 #: How long a listen waits for the master's answer before giving up.
@@ -45,6 +43,38 @@ class MasterUnavailable(Exception):
     """
     The channel to the master is closed, or the master did not answer in time.
     """
+
+
+class ChannelOwner(Protocol):
+    """
+    What the channel needs of the worker it belongs to (a
+    L{txcluster.Worker}).
+    """
+
+    reactor: Any
+    count: int
+    leaveRequested: bool
+    openConnections: int
+
+    def disconnect(self, timeout: Any = None, why: Any = None) -> Any:
+        """
+        Leave the cluster.
+        """
+
+    def _adopt(self, listenId: int, fds: list) -> int:
+        """
+        Take the connections C{fds} for C{listenId}; return how many.
+        """
+
+    def _deliver(self, message: Any) -> None:
+        """
+        Hand a message from the master to the observers.
+        """
+
+    def _masterGone(self, reason: Any) -> None:
+        """
+        The channel closed.
+        """
 
 
 class WorkerChannel(amp.AMP):
@@ -59,7 +89,7 @@ class WorkerChannel(amp.AMP):
     through at once.
     """
 
-    def __init__(self, worker: "Worker") -> None:
+    def __init__(self, worker: ChannelOwner) -> None:
         super().__init__()
         self._worker = worker
         self._parsing = False
@@ -109,9 +139,8 @@ class WorkerChannel(amp.AMP):
                 readable, writable, _ = select.select(
                     [fd], [fd] if wantWrite else [], [], remaining
                 )
-                if writable and _isLost(transport.doWrite()):
-                    raise MasterUnavailable("the channel to the master closed")
-                if readable and _isLost(transport.doRead()):
+                if (writable and _isLost(transport.doWrite())) or (readable and _isLost(transport.doRead())):
+                    self._broken(transport)
                     raise MasterUnavailable("the channel to the master closed")
         finally:
             waiting[0] = False
@@ -121,6 +150,14 @@ class WorkerChannel(amp.AMP):
         if isinstance(result, Failure):
             result.raiseException()
         return result
+
+    def _broken(self, transport) -> None:
+        # What the reactor does with a descriptor whose read or write found
+        # the connection gone; it did not see this one, the call drove it.
+        reactor = self._worker.reactor
+        reactor.removeReader(transport)
+        reactor.removeWriter(transport)
+        transport.connectionLost(Failure(ConnectionLost("the channel to the master closed")))
 
     def dataReceived(self, data: bytes) -> None:
         self._parsing = True

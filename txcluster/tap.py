@@ -133,7 +133,7 @@ class Options(usage.Options):
                 f"not {self['scheduling']!r}"
             )
         if self["max-requests"] and self["scheduling"] == "shared":
-            from txcluster._master import MAX_REQUESTS_SHARED
+            from txcluster._policy import MAX_REQUESTS_SHARED
 
             raise usage.UsageError(MAX_REQUESTS_SHARED)
         self["app"] = checkApp(self["app"])
