@@ -17,12 +17,16 @@ setup(
     packages=["txcluster", "twisted.plugins"],
     package_data={"twisted": ["plugins/txcluster_plugin.py"]},
     install_requires=[
-        "twisted[tls]>=23.10",
+        # 24.10 is the first Twisted built on Automat's TypeMachineBuilder
+        # (Automat 24.8), which txcluster's worker lifecycle uses too.
+        "twisted[tls]>=24.10.0",
+        "automat>=24.8.0",
         "zope.interface",
     ],
     extras_require={
         "proctitle": ["setproctitle"],
-        "test": ["treq", "hypothesis", "setproctitle"],
+        # autobahn: the WebSocket application of the graceful-stop tests.
+        "test": ["treq", "hypothesis", "setproctitle", "autobahn"],
     },
     classifiers=[
         "Framework :: Twisted",

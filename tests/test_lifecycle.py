@@ -514,3 +514,28 @@ class SecondsTests(SynchronousTestCase):
         self.assertEqual(seconds(0.25), "0.25 s")
         self.assertEqual(seconds(0.5123), "0.51 s")
         self.assertEqual(seconds(0), "0 s")
+
+
+class DocumentedTableTests(SynchronousTestCase):
+    def test_docsListEveryTransition(self) -> None:
+        """
+        The transition table of C{docs/lifecycle.md} is the machine's: the
+        same (state, input, next state) rows, no more, no fewer.
+        """
+        import os
+        import re
+
+        from txcluster._lifecycle import _SlotMachine
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(here, "docs", "lifecycle.md"), encoding="utf-8") as f:
+            text = f.read()
+        table = text.split("## Every transition", 1)[1]
+        documented = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", table, re.M))
+        # The automaton is Automat's; there is no public way to list it.
+        automaton = _SlotMachine.__automat_automaton__
+        machine = {
+            (old.name, name, new.name) for old, name, new, outputs in automaton.allTransitions() if name != "view"
+        }
+        self.assertEqual(documented - machine, set(), "documented, not in the machine")
+        self.assertEqual(machine - documented, set(), "in the machine, not documented")

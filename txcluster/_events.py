@@ -59,9 +59,11 @@ class WorkerReady:
 @frozen
 class WorkerDisconnected:
     """
-    The master asked the worker to leave gracefully; C{reason} says why:
+    The worker leaves gracefully; C{reason} says why.  Asked by the master:
     C{stop} (the master is stopping), C{replaced} (its replacement is ready,
-    in a reload or a recycling), C{scale} (scaled away).
+    in a reload or a recycling), C{scale} (scaled away).  On its own (the
+    master replaces it): C{SIGTERM}, C{disconnect()}, C{the application
+    stopped the reactor}.
     """
 
     workerId: int
@@ -74,7 +76,10 @@ class WorkerExited:
     """
     The worker process ended, with C{exitCode} or killed by C{signal}.
 
-    @ivar expected: the master had asked it to stop.
+    @ivar expected: the end is not a failure (it does not count towards
+        C{--max-restarts}): the master had asked it to leave, it left on its
+        own, a stop signal ended it, or it exited 0 after it was ready.
+        See C{docs/lifecycle.md}.
     """
 
     workerId: int

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 import txcluster
 from txcluster import _commands
 from txcluster._policy import CommandBudget
-from txcluster._twistedcompat import BatchingUNIXServer, adoptUNIXTransport
+from txcluster._twistedcompat import BatchingUNIXServer, adoptUNIXTransport, childReader
 
 __all__ = [
     "BatchingUNIXServer",
@@ -43,10 +43,16 @@ _log = Logger(namespace="txcluster.worker")
 
 #: Lines (log events, stdout and stderr lines together) a worker may write
 #: per second, sustained; the excess is dropped and counted.
-LOG_RATE = 10_000.0
+LOG_RATE = 1_000.0
 
 #: Lines a worker may write at once on top of L{LOG_RATE}.
-LOG_BURST = 30_000
+LOG_BURST = 10_000
+
+#: How long the master stops reading a worker's pipe once the worker has
+#: written more than its budget: the pipe fills meanwhile and the worker's
+#: writes wait, so that a worker writing as fast as it can costs the master
+#: one read of a full pipe per pause instead of a wake-up per write.
+LOG_PAUSE = 0.1
 
 #: The log event keys a relayed event keeps (the others are the worker's
 #: own fields; these are what the logging system reads).
@@ -155,7 +161,8 @@ class WorkerOutput(ProcessProtocol):
     its system C{worker ID pid PID}, its C{workerId} and C{pid} fields the
     worker's.  At most L{LOG_BURST} lines at once and L{LOG_RATE} a second
     are relayed; the excess is dropped, and counted in a warning once a
-    second while it lasts.
+    second while it lasts, and the pipe is not read for L{LOG_PAUSE}
+    seconds (the worker's writes wait meanwhile).
 
     @ivar stderrTail: the last lines the worker wrote on stderr or logged at
         error level, kept for the give-up report.
@@ -192,6 +199,7 @@ class WorkerOutput(ProcessProtocol):
         self._budget: Optional[CommandBudget] = None
         self._unreported = 0
         self._noteCall = None
+        self._paused: dict = {}
         self.dropped = 0
         self.stderrTail: collections.deque = collections.deque(maxlen=tailLines)
 
@@ -224,24 +232,35 @@ class WorkerOutput(ProcessProtocol):
         # JSON log records are "\x1e{json}\n"; JSON text has no raw newline.
         buffered = self._buffers.get(childFD, b"") + data
         *records, rest = buffered.split(b"\n")
-        if len(rest) > self.maxLine:
+        cut = len(rest) > self.maxLine
+        if cut:
             records.append(rest)
             rest = b""
         self._buffers[childFD] = rest
         for index, record in enumerate(records):
             if not self._budget.spend(now):
-                self._drop(len(records) - index + (1 if rest else 0), now)
-                if rest:
+                self._drop(childFD, len(records) - index + (1 if rest else 0))
+                # A line cut at maxLine is unfinished too: skip its rest.
+                if rest or cut:
                     self._buffers[childFD] = b""
                     self._skipping.add(childFD)
                 return
             self._record(childFD, record)
 
-    def _drop(self, lines: int, now: float) -> None:
+    def _drop(self, childFD: int, lines: int) -> None:
         self.dropped += lines
         self._unreported += lines
         if self._noteCall is None:
             self._noteCall = self._clock.callLater(self.noteInterval, self._note)
+        reader = childReader(self.transport, childFD)
+        if reader is not None and childFD not in self._paused:
+            reader.stopReading()
+            self._paused[childFD] = self._clock.callLater(LOG_PAUSE, self._resume, childFD, reader)
+
+    def _resume(self, childFD: int, reader) -> None:
+        del self._paused[childFD]
+        if childReader(self.transport, childFD) is reader:
+            reader.startReading()
 
     def _note(self) -> None:
         self._noteCall = None
@@ -313,7 +332,8 @@ class WorkerOutput(ProcessProtocol):
             level = LogLevel.info
         event["log_level"] = level
         if not isinstance(event.get("log_format"), str):
-            event["log_format"] = None if "log_format" not in event else str(event["log_format"])
+            # None is an event without text (formatEvent gives ""), not "None".
+            event["log_format"] = None if event.get("log_format") is None else str(event["log_format"])
         if not isinstance(event.get("log_time"), (int, float)) or isinstance(event.get("log_time"), bool):
             event["log_time"] = time.time()
         if not isinstance(event.get("log_flattened"), dict):
@@ -348,5 +368,9 @@ class WorkerOutput(ProcessProtocol):
             self.childConnectionLost(childFD)
         if self._noteCall is not None and self._noteCall.active():
             self._noteCall.cancel()
+        for call in self._paused.values():
+            if call.active():
+                call.cancel()
+        self._paused.clear()
         self._note()
         self._ended(reason)

@@ -21,8 +21,11 @@ What is used, and why:
     socket with a transport class of our own (the reactor's
     C{adoptStreamConnection} always uses Twisted's).
   - L{SharedUNIXPort}: C{unix.Port} over an inherited listening socket
-    (C{_fromListeningDescriptor}) that neither chmods (C{_bindPath}),
-    shuts down (C{_shouldShutdown}) nor unlinks the path it does not own.
+    (C{_fromListeningDescriptor}, C{_preexistingSocket}) that neither
+    chmods the path it does not own (C{_bindPath}), listens again (which
+    would reset the owner's backlog), shuts down (C{_shouldShutdown}) nor
+    unlinks the path; its C{startListening} is C{unix.Port}'s without
+    those (C{tcp._reservedFD}, C{numberAccepts}, C{_getLogPrefix}).
   - L{unclaimedDescriptors}, L{outstandingRequests}, L{responderFor},
     L{MAX_KEY_LENGTH}, L{readingValue}: AMP's received-descriptor store,
     its table of unanswered requests, its command dispatch table, its key
@@ -34,13 +37,14 @@ What is used, and why:
   - L{bindingOf}: the fields of a C{makeBinding()} argument to
     C{listenTCP} (C{interfaces._Binding}).
   - L{markTLS}: the C{_type} a port's C{repr} and C{getHost} logging use.
+  - L{childReader}: the reader of one of a child process's pipes
+    (C{Process.pipes}, not in C{IProcessTransport}), to pause it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import stat
 import struct
 from errno import ENOBUFS, EWOULDBLOCK
 from typing import Optional
@@ -49,6 +53,7 @@ from twisted.internet import error, main, tcp, unix
 from twisted.internet.interfaces import _Binding
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
+from twisted.python import log
 
 #: The most file descriptors one C{sendmsg} may carry on Linux (SCM_MAX_FD).
 MAX_FDS_PER_MESSAGE = 253
@@ -151,11 +156,22 @@ class SharedUNIXPort(unix.Port):
         return port
 
     def startListening(self) -> None:
-        try:
-            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
-        except (OSError, TypeError, ValueError):
-            pass
-        super().startListening()
+        # unix.Port.startListening, for a socket that already listens on a
+        # path this process does not own: no chmod() (EPERM for a worker
+        # running as another user than the master, who made the file) and
+        # no listen() (which would replace the master's backlog with this
+        # port's default of 50).
+        skt, self._preexistingSocket = self._preexistingSocket, None
+        if skt is None:
+            raise error.CannotListenError(None, self._bindPath, "only an adopted socket can be shared")
+        tcp._reservedFD.reserve()
+        log.msg(f"{self._getLogPrefix(self.factory)} starting on {os.fsdecode(self._bindPath)!r}")
+        self.factory.doStart()
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.numberAccepts = 100
+        self.startReading()
 
     def connectionLost(self, reason) -> None:
         # unix.Port.connectionLost would unlink the master's socket file.
@@ -236,3 +252,15 @@ def markTLS(port) -> None:
     C{listenSSL} ports do.
     """
     port._type = "TLS"
+
+
+def childReader(transport, childFD: int):
+    """
+    The C{IReadDescriptor} reading C{transport}'s child's C{childFD} (a
+    C{twisted.internet.process.Process}'s C{pipes}), or L{None} if there
+    is none (another kind of transport, or that pipe is closed).
+    """
+    reader = getattr(transport, "pipes", {}).get(childFD)
+    if reader is None or not hasattr(reader, "stopReading"):
+        return None
+    return reader

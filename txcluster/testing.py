@@ -33,6 +33,18 @@ Nothing moves on a L{FakeChannel} until it is flushed: the helpers of
 L{FakeWorker} that send something flush at once, and
 L{FakeSpawner.flush} delivers whatever the master sent on its own (a
 heartbeat from C{reactor.advance}, say).
+
+Where the master can tell, a L{FakeWorker} behaves as the real worker
+(L{txcluster._worker.Worker}); C{tests/test_contract.py} holds the two to
+one contract.  A listen is its own from the L{Listening} it sends to the
+L{Close} it sends (C{FakeWorker.listens}); a L{NewConn} for any other is
+refused, and every L{NewConn} answer says how many connections it held
+before.  It leaves when the master says L{Disconnect} (on its reactor's
+next turn, once it answered), when its application does
+(L{FakeWorker.disconnect}) and when its channel is lost: it closes every
+listen and refuses every connection from then on
+(C{FakeWorker.disconnecting}).  Its process does not end by itself:
+L{FakeWorker.exit} or L{FakeWorker.kill} it.
 """
 
 from __future__ import annotations
@@ -58,8 +70,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txcluster._commands import (
+    LOAD_REPORT_INTERVAL,
     Close,
     Disconnect,
+    Leaving,
     Listening,
     LoadReport,
     NewConn,
@@ -71,6 +85,8 @@ from txcluster._commands import (
     ToWorker,
     WorkerCount,
 )
+from txcluster._twistedcompat import makeConnectionQuietly
+from txcluster._worker import MasterUnavailable, encodeMessage
 
 __all__ = [
     "FakeChannel",
@@ -428,6 +444,8 @@ class ReceivedCommand:
         if self._deferred is not None:
             self._deferred.callback(response)
             self._worker.flush()
+        if self.command is Disconnect:
+            self._worker._callLater(0, self._worker._leave)
 
     def fail(self, exception: Exception) -> None:
         """
@@ -473,13 +491,11 @@ class _WorkerPeer(amp.AMP):
         self._worker = worker
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
-        self._worker._descriptors.add(descriptor)
+        self._worker._owned.add(descriptor)
         super().fileDescriptorReceived(descriptor)
 
     def makeConnection(self, transport) -> None:
-        self._transportPeer = transport.getPeer()
-        self._transportHost = transport.getHost()
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
+        makeConnectionQuietly(self, transport)
 
     def connectionLost(self, reason) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
@@ -516,7 +532,8 @@ class FakeWorker:
     C{takingConnections}), L{ToWorker} messages are decoded into
     C{messages}, L{WorkerCount} updates C{workerCount}.  Put a command class
     in C{holding} to answer it yourself through its L{ReceivedCommand};
-    call L{block} to stop the worker's "reactor" from reading at all.
+    call L{block} to stop the worker's "reactor" from reading at all.  It
+    listens and leaves as a real worker does (see the module docstring).
 
     @ivar workerId: the worker id it was spawned with.
     @ivar workerCount: the worker count it was spawned with (or last told).
@@ -536,6 +553,8 @@ class FakeWorker:
     @ivar takingConnections: whether L{NewConn} is answered by taking the
         connections (L{True}) or refusing them.
     @ivar holding: the command classes left for the test to answer.
+    @ivar listens: the listen ids it listens on.
+    @ivar disconnecting: whether it is leaving.
     """
 
     def __init__(
@@ -565,7 +584,13 @@ class FakeWorker:
         self.takingConnections = True
         self.holding: set = set()
         self.channelLostReason: Optional[Failure] = None
-        self._descriptors: set[int] = set()
+        self.listens: set[int] = set()
+        self.disconnecting = False
+        self._owned: set[int] = set()
+        self._indexes: dict[int, tuple] = {}
+        self._reportLoad = False
+        self._reportScheduled = False
+        self._calls: list = []
         self.peer = _WorkerPeer(self)
         self.channel = FakeChannel(masterProtocol, self.peer)
         self.process = FakeProcess(processProtocol, pid)
@@ -612,6 +637,13 @@ class FakeWorker:
         @return: the Deferred of its answer (L{None} for a command that
             requires no answer).
         """
+        # A listen is the worker's from the Listening it sends (unless the
+        # master says it is not) to the Close it sends.
+        if command is Listening:
+            self.listens.add(arguments["listenId"])
+        elif command is Close:
+            self.listens.discard(arguments["listenId"])
+            self._indexes.pop(arguments["listenId"], None)
         sent = self.peer.callRemote(command, **arguments)
         if sent is None:
             self.flush()
@@ -623,6 +655,8 @@ class FakeWorker:
 
         def relay(result):
             if isinstance(result, Failure):
+                if command is Listening:
+                    self.listens.discard(arguments["listenId"])
                 answer.errback(result)
             else:
                 answer.callback(result)
@@ -680,26 +714,40 @@ class FakeWorker:
 
     def sendToMaster(self, message: Any) -> defer.Deferred:
         """
-        Send C{message} as JSON in L{ToMaster}.
+        Send C{message} as JSON in L{ToMaster}, as the real worker's
+        C{sendToMaster}: the Deferred fires with L{None}, or fails with
+        L{MasterUnavailable} once the channel is closed.
+
+        @raise txcluster._commands.MessageTooLarge: it is over 65535 bytes
+            of JSON.
+        @raise TypeError: it is not JSON-serialisable.
         """
-        return self.callRemote(ToMaster, message=json.dumps(message))
+        text = encodeMessage(message)
+        if self.channel.lost:
+            return defer.fail(MasterUnavailable("the channel to the master is closed"))
+        return self.callRemote(ToMaster, message=text).addCallback(lambda _: None)
 
     def listen(
         self,
         kind: str = "tcp4",
         address: str = "127.0.0.1",
         port: int = 0,
-        index: int = 0,
+        index: Optional[int] = None,
         backlog: int = 50,
         mode: int = 0o666,
     ) -> dict:
         """
         Listen as the worker's application would: L{QueryServer}, then
-        L{Listening}.
+        L{Listening}.  The index is by default, as a real worker's, the
+        lowest its other listens on C{(kind, address, port)} do not use.
 
         @return: the master's answer to L{QueryServer}.
         @raise Exception: the master's error, if it refused.
         """
+        base = (kind, address, port)
+        if index is None:
+            used = {i for b, i in self._indexes.values() if b == base}
+            index = min(set(range(len(used) + 1)) - used)
         answers: list = []
         self.queryServer(kind, address, port, index, backlog, mode).addBoth(answers.append)
         if not answers:
@@ -707,6 +755,9 @@ class FakeWorker:
         if isinstance(answers[0], Failure):
             answers[0].raiseException()
         answer = answers[0]
+        self._indexes[answer["listenId"]] = (base, index)
+        if answer["scheduling"] == "least-busy":
+            self._reportLoad = True
         self.listening(answer["listenId"])
         return answer
 
@@ -715,6 +766,7 @@ class FakeWorker:
         Boot as a worker would: L{Online}, a L{listen} for each tuple of
         its arguments (C{(kind, address, port)}, optionally followed by
         C{index}, C{backlog} and C{mode}) in C{listens}, then L{Ready}.
+        Listening twice on one address is two listens (indexes 0 and 1).
 
         @return: the L{QueryServer} answers.
         """
@@ -751,6 +803,36 @@ class FakeWorker:
         """
         self.channel.resumeDelivery(1)
 
+    def disconnect(self, why: Optional[str] = None) -> None:
+        """
+        Leave as the application's C{disconnect()} makes a real worker
+        leave: say L{Leaving} (C{why}, by default C{"disconnect()"}; nothing
+        if the master asked it to leave), then close every listen.
+        """
+        if self.disconnecting:
+            return
+        if why is None and not self.disconnectRequested:
+            why = "disconnect()"
+        if why is not None and not self.channel.lost:
+            self.callRemote(Leaving, why=why)
+        self._leave()
+
+    def closeConnections(self, count: Optional[int] = None) -> None:
+        """
+        The application closes the first C{count} of C{connections} (all by
+        default).  Listening on a least-busy handle, the worker then reports
+        its load as a real worker does: one L{LoadReport},
+        C{LOAD_REPORT_INTERVAL} later on its reactor.
+        """
+        closing = self.connections[: len(self.connections) if count is None else count]
+        for fd in closing:
+            _close(fd)
+            self._owned.discard(fd)
+        del self.connections[: len(closing)]
+        if closing and self._reportLoad and not self._reportScheduled:
+            self._reportScheduled = True
+            self._callLater(LOAD_REPORT_INTERVAL, self._sendLoad)
+
     def flush(self) -> None:
         """
         Deliver what waits on the channel, both ways, and on the channels of
@@ -783,14 +865,18 @@ class FakeWorker:
         """
         Close every descriptor the worker received and still holds.
         """
-        for fd in list(self._descriptors):
+        for fd in list(self._owned):
             _close(fd)
-        self._descriptors.clear()
+        self._owned.clear()
         self.connections.clear()
 
     # Internals
 
     def _die(self, end: Callable[[], None], channelFirst: bool) -> None:
+        # What its reactor was to do dies with the process.
+        for call in self._calls:
+            if call.active():
+                call.cancel()
         self.closeDescriptors()
         if channelFirst:
             self.channel.sever(ConnectionDone("the worker exited"), ConnectionLost("exited"))
@@ -801,6 +887,26 @@ class FakeWorker:
 
     def _channelLost(self, reason: Failure) -> None:
         self.channelLostReason = reason
+        # A worker whose master is gone leaves; its listens went with it.
+        self.disconnecting = True
+        self.listens.clear()
+        self._indexes.clear()
+
+    def _callLater(self, delay: float, f: Callable[[], None]) -> None:
+        self._calls = [call for call in self._calls if call.active()]
+        self._calls.append(self.reactor.callLater(delay, f))
+
+    def _leave(self) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        for listenId in sorted(self.listens):
+            self.close(listenId)
+
+    def _sendLoad(self) -> None:
+        self._reportScheduled = False
+        if not self.channel.lost:
+            self.loadReport(len(self.connections))
 
     def _received(self, command, arguments: dict):
         received = ReceivedCommand(self, command, arguments)
@@ -813,18 +919,23 @@ class FakeWorker:
             received._deferred = defer.Deferred()
             return received._deferred
         received.answered = True
+        if command is Disconnect:
+            # As a real worker: answered at once, acted on at the next turn.
+            self._callLater(0, self._leave)
         if command is NewConn:
             fds = arguments["fds"]
-            count = len(fds) if self.takingConnections else 0
+            before = len(self.connections)
+            taking = self.takingConnections and not self.disconnecting and arguments["listenId"] in self.listens
+            count = len(fds) if taking else 0
             self._takeConnections(fds, count)
-            return {"accepted": count}
+            return {"accepted": count, "connections": before}
         return {}
 
     def _takeConnections(self, fds: list, count: int) -> None:
         self.connections.extend(fds[:count])
         for fd in fds[count:]:
             _close(fd)
-            self._descriptors.discard(fd)
+            self._owned.discard(fd)
 
 
 class FakeSpawner:
