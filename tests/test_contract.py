@@ -236,7 +236,7 @@ class WorkerReactor(MemoryReactorClock):
         without a word to its protocols.
         """
         self.running = False
-        watched = self.removeAll()
+        watched = self.removeAll() or []
         protocol = getattr(self.channel, "protocol", None)
         if protocol is not None:
             closeUnclaimedDescriptors(protocol)

@@ -283,6 +283,46 @@ class CommandTests(HostileTestsMixin, SynchronousTestCase):
     sent.
     """
 
+    def test_answersAfterMisbehaviourStillCount(self) -> None:
+        """
+        A worker that misbehaved while the framing is intact still has its
+        answers to the handoffs it was sent read, until none is left: a
+        connection it took (and may have read from) is not given to another
+        worker; one it refused is.
+        """
+        self.hostileCluster()
+        worker = self.worker(1)
+        other = self.worker(2)
+        worker.holding.add(NewConn)
+        self.connect(1)
+        self.connect(1)
+        self.connect(1)
+        first, second = worker.unanswered(NewConn)
+        self.assertEqual(len(other.connections), 1)
+        worker.callRemote(Bogus, payload="x")
+        self.assertLogged(f"worker 1 (pid {worker.pid}) misbehaved: it sent an unknown command")
+        self.assertFalse(worker.channel.lost)
+        first.takeConnections()
+        self.assertFalse(worker.channel.lost)
+        self.assertEqual(len(other.connections), 1)
+        second.takeConnections(0)
+        self.assertTrue(worker.channel.lost)
+        self.assertEqual(len(other.connections), 2)
+        self.assertEqual(self.cluster.statistics().dropped, 0)
+
+    def test_commandsAfterMisbehaviourAreNotTaken(self) -> None:
+        """
+        While the master waits for those answers, a command the worker sends
+        is ignored.
+        """
+        self.hostileCluster()
+        worker = self.worker(1)
+        worker.holding.add(NewConn)
+        self.connect(1)
+        worker.callRemote(Bogus, payload="x")
+        worker.sendToMaster("ignored")
+        self.assertEqual(self.eventsOf(WorkerMessage), [])
+
     def test_unknownCommand(self) -> None:
         """
         A command the master does not know (AMP would answer C{UNHANDLED}

@@ -597,7 +597,7 @@ class RespawnTests(ClusterTestsMixin, SynchronousTestCase):
             self.reactor.advance(expected * 0.102)
             self.assertEqual(len(self.spawner.workers), spawned + 1)
         self.assertEqual([w.workerId for w in self.spawner.workers], [1] * 5)
-        self.assertLogged("worker 1 ended 3 times in a row soon after starting: backing off for 4", LogLevel.warn)
+        self.assertLogged("worker 1 failed 3 times in a row soon after starting: backing off for 4", LogLevel.warn)
 
     def test_backoffResetsAfterStableRun(self) -> None:
         """
@@ -1400,6 +1400,22 @@ class LeaveOnItsOwnTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertLogged("died (killed by SIGKILL)", LogLevel.error)
         self.assertEqual(cluster.statistics().failures, 1)
         self.assertEqual(self.gaveUp, [])
+
+    def test_stoppedWorkerIsReplacedAtOnce(self) -> None:
+        """
+        A worker stopped soon after it started (an operator's SIGTERM) is
+        not a crash: it is replaced at once, without a backoff.
+        """
+        self.readyCluster(1, stableAfter=10, minRestartDelay=5)
+        old = self.worker(1)
+        old.kill(signal.SIGTERM)
+        self.assertIsNot(self.worker(1), old)
+        self.assertNotLogged("backing off")
+        old = self.worker(1)
+        old.start()
+        old.callRemote(Leaving, why="SIGTERM")
+        self.assertIsNot(self.worker(1), old)
+        self.assertNotLogged("backing off")
 
     def test_leavingReplacementFailsTheReload(self) -> None:
         """

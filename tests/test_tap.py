@@ -3,6 +3,7 @@ Tests for L{txcluster.tap}: C{twistd txcluster}'s options.
 """
 
 import os
+import signal
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -146,6 +147,7 @@ class ServiceTests(SynchronousTestCase):
         """
         from txcluster import ClusterService
 
+        self.keepSignalHandlers()
         top = tap.makeService(parse("--app", app("web.tac"), "-w", "2"))
         services = list(top)
         clusters = [s for s in services if isinstance(s, ClusterService)]
@@ -153,3 +155,25 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(clusters[0].config.workers, 2)
         self.assertFalse(clusters[0].running)
         self.assertEqual(len(services), 2)
+
+    def keepSignalHandlers(self):
+        """
+        Put this process's handlers of the master's signals back after the
+        test.
+        """
+        saved = {signum: signal.getsignal(signum) for signum in tap.SignalControl.SIGNALS}
+        self.addCleanup(lambda: [signal.signal(signum, handler) for signum, handler in saved.items()])
+
+    def test_signalsBeforeTheReactorRuns(self):
+        """
+        From makeService until the reactor runs, the master's signals are
+        kept instead of killing it (or raising KeyboardInterrupt), to be
+        acted on once the reactor runs (as the real-process tests of
+        tests.test_lifecycle_integration show).
+        """
+        self.keepSignalHandlers()
+        top = tap.makeService(parse("--app", app("web.tac"), "-w", "2"))
+        (control,) = [s for s in top if isinstance(s, tap.SignalControl)]
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGINT)
+        self.assertEqual(control._early, [signal.SIGHUP, signal.SIGINT])

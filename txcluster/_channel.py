@@ -208,6 +208,7 @@ class MasterChannel(amp.AMP):
         self.requests = requests
         self._seconds = seconds
         self.dropped: Optional[str] = None
+        self._answersOnly = False
         self._budget: Optional[CommandBudget] = None
         self._refusals = FailureWindow(REFUSAL_LIMIT, REFUSAL_WINDOW)
         self._boxSize = 0
@@ -217,37 +218,54 @@ class MasterChannel(amp.AMP):
 
     # Misbehaviour ----------------------------------------------------------
 
-    def drop(self, why: str) -> None:
+    def drop(self, why: str, answers: bool = False) -> None:
         """
-        Read nothing more from the worker and close the channel (once the
-        bytes being read are done with): what it sends from now on is
-        ignored, descriptors it sent are closed, and
-        requests it has not answered fail with L{ConnectionLost} once the
-        channel is gone (so that the connections in them go to another
-        worker).
+        Take nothing more from the worker and close the channel (once the
+        bytes being read are done with): commands it sends from now on are
+        ignored, descriptors it sent are closed, and requests it has not
+        answered fail with L{ConnectionLost} once the channel is gone (so
+        that the connections in them go to another worker).
 
         @param why: for the log, e.g. C{"the worker misbehaved"}.
+        @param answers: keep reading the answers to the master's requests
+            still unanswered, until there are none or the channel closes
+            (the worker is being killed): a L{NewConn} it answered took
+            connections it may have read from, which must not go to another
+            worker.  Only while the framing is intact.
         """
         if self.dropped is not None:
             return
         self.dropped = why
+        self._answersOnly = answers
         self._closeDescriptors()
-        if not self._receiving:
+        if not self._receiving and not self._awaitingAnswers():
             self._close()
 
+    def _awaitingAnswers(self) -> bool:
+        if not self._answersOnly:
+            return False
+        outstanding = outstandingRequests(self)
+        return bool(outstanding)
+
     def _close(self) -> None:
+        self._answersOnly = False
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def _misbehave(self, what: str) -> None:
+    def _misbehave(self, what: str, framing: bool = True) -> None:
         """
         The worker did C{what} ("sent ..."): have the master log it and
         replace the worker, and drop the channel.
+
+        @param framing: whether the bytes still frame AMP boxes (then the
+            answers to what the master asked are still read).
         """
         if self.dropped is not None:
+            if not framing:
+                self._answersOnly = False
             return
         self.requests.misbehaved(what)
-        self.drop("the worker misbehaved")
+        self.drop("the worker misbehaved", answers=framing)
 
     def _closeDescriptors(self) -> None:
         closeUnclaimedDescriptors(self)
@@ -255,7 +273,7 @@ class MasterChannel(amp.AMP):
     # Framing ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.dropped is not None:
+        if self.dropped is not None and not self._answersOnly:
             return
         # A drop while these bytes are read closes the channel once they
         # are: what the master answered meanwhile goes out first.
@@ -265,18 +283,18 @@ class MasterChannel(amp.AMP):
         except Exception as e:
             # The checks below should leave nothing for AMP to raise; if
             # something does, it is still the worker's bytes that did it.
-            self._misbehave(f"sent data the master cannot parse ({_parseProblem(e)})")
+            self._misbehave(f"sent data the master cannot parse ({_parseProblem(e)})", framing=False)
         finally:
             self._receiving = False
-        if self.dropped is not None:
+        if self.dropped is not None and not self._awaitingAnswers():
             self._close()
 
     def stringReceived(self, string: bytes) -> None:
-        if self.dropped is not None:
+        if self.dropped is not None and not self._answersOnly:
             return
         self._boxSize += 2 + len(string)
         if self._boxSize > MAX_BOX_SIZE:
-            self._misbehave(f"sent a box larger than {MAX_BOX_SIZE} bytes")
+            self._misbehave(f"sent a box larger than {MAX_BOX_SIZE} bytes", framing=False)
             return
         if not string and not readingValue(self):
             # The empty key ends the box.
@@ -286,7 +304,7 @@ class MasterChannel(amp.AMP):
     def lengthLimitExceeded(self, length: int) -> None:
         # Int16StringReceiver's limit is the current string's: keys are at
         # most 255 bytes (values may use all 16 bits).
-        self._misbehave(f"sent a key of {length} bytes (at most {MAX_KEY_LENGTH})")
+        self._misbehave(f"sent a key of {length} bytes (at most {MAX_KEY_LENGTH})", framing=False)
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         # Workers never send descriptors to the master.
@@ -295,6 +313,13 @@ class MasterChannel(amp.AMP):
 
     def ampBoxReceived(self, box) -> None:
         if self.dropped is not None:
+            if self._answersOnly and amp.ANSWER in box and box[amp.ANSWER] in (outstandingRequests(self) or ()):
+                # An answer to what the master asked before the drop.
+                self._answering = True
+                try:
+                    amp.AMP.ampBoxReceived(self, box)
+                finally:
+                    self._answering = False
             return
         if amp.ANSWER in box or amp.ERROR in box:
             tag = box[amp.ANSWER] if amp.ANSWER in box else box[amp.ERROR]

@@ -382,10 +382,10 @@ class SlotCore:
     def lossDelay(self, lost: WorkerProcess) -> float:
         """
         How long to wait before respawning after the slot lost C{lost}: no
-        time after a process that had been up for C{stableAfter}, a
-        growing backoff after quick losses in a row, the longest backoff
-        after a process that could not be spawned.  Counts the restart and
-        logs what it decided.
+        time after a process that was stopped (its end is not a failure) or
+        that had been up for C{stableAfter}, a growing backoff after quick
+        failures in a row, the longest backoff after a process that could
+        not be spawned.  Counts the restart and logs what it decided.
         """
         self.restarts += 1
         now = self.host.seconds()
@@ -397,6 +397,11 @@ class SlotCore:
                 delay=seconds(delay),
             )
             return delay
+        if (lost.ending is not None and lost.ending.failure is None) or lost.phase is Phase.LEAVING:
+            # It was stopped (an operator's SIGTERM, its own disconnect()),
+            # not a crash: replace it at once.
+            _log.info("respawning worker {workerId}", workerId=self.workerId)
+            return 0.0
         quick = lost.readyAt is None or lost.forkedAt is None or now - lost.forkedAt < self.host.stableAfter
         self.quickDeaths = self.quickDeaths + 1 if quick else 0
         delay = max(0.0, self.host.restartDelay(self.quickDeaths))
@@ -404,10 +409,9 @@ class SlotCore:
             _log.info("respawning worker {workerId}", workerId=self.workerId)
         else:
             _log.warn(
-                "worker {workerId} ended {count} times in a row soon after starting: "
-                "backing off for {delay}",
+                "worker {workerId} {failed} soon after starting: backing off for {delay}",
                 workerId=self.workerId,
-                count=self.quickDeaths,
+                failed="failed" if self.quickDeaths == 1 else f"failed {self.quickDeaths} times in a row",
                 delay=seconds(delay),
             )
         return delay

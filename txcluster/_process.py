@@ -13,7 +13,9 @@ tagged with the worker's id and pid, at a bounded rate.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import signal
 import socket
 import sys
 import time
@@ -96,6 +98,27 @@ def reactorModuleName(reactor) -> str:
     return type(reactor).__module__
 
 
+@contextlib.contextmanager
+def interruptsBlocked():
+    """
+    Block C{SIGINT} in this thread meanwhile.  A process spawned meanwhile
+    starts with it blocked (C{spawnProcess} resets ignored signals in the
+    child, not the mask), so that a terminal's Ctrl-C, which reaches the
+    whole process group, cannot kill a worker whose interpreter is still
+    starting; the worker ignores it, then unblocks it.  A Ctrl-C that
+    reaches the master meanwhile is delivered once this is over.
+    """
+    block = getattr(signal, "pthread_sigmask", None)
+    if block is None:
+        yield
+        return
+    previous = block(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        block(signal.SIG_SETMASK, previous)
+
+
 def spawnWorker(
     reactor,
     processProtocol: "WorkerOutput",
@@ -126,21 +149,22 @@ def spawnWorker(
             reactorModuleName(reactor),
         )
         args = [executable, "-m", "txcluster._workermain", str(workerId), appPath]
-        transport = reactor.spawnProcess(
-            processProtocol,
-            executable,
-            args,
-            env=environment,
-            uid=uid,
-            gid=gid,
-            childFDs={
-                0: "w",
-                1: "r",
-                2: "r",
-                _commands.CHANNEL_FD: workerEnd.fileno(),
-                _commands.LOG_FD: "r",
-            },
-        )
+        with interruptsBlocked():
+            transport = reactor.spawnProcess(
+                processProtocol,
+                executable,
+                args,
+                env=environment,
+                uid=uid,
+                gid=gid,
+                childFDs={
+                    0: "w",
+                    1: "r",
+                    2: "r",
+                    _commands.CHANNEL_FD: workerEnd.fileno(),
+                    _commands.LOG_FD: "r",
+                },
+            )
         masterEnd.setblocking(False)
         adoptChannel(reactor, masterEnd.fileno(), channel)
     finally:
@@ -346,6 +370,8 @@ class WorkerOutput(ProcessProtocol):
             event["workerLogSystem"] = original
         event["log_namespace"] = "txcluster.worker"
         event["log_system"] = self.system()
+        # What Twisted's legacy observers read for the system.
+        event["system"] = self.system()
         event["workerId"] = self.workerId
         event["pid"] = self.pid
         traceback = event.get("workerTraceback")

@@ -262,8 +262,9 @@ class ProcessTable:
         )
         self.fail(process, f"misbehaved: it {what}")
         self.kill(process)
-        # Whatever else it sends is not read.
-        process.channel.drop("the worker misbehaved")
+        # Whatever else it sends is not taken, but for the answers to the
+        # handoffs it was sent: the connections in them may have been read.
+        process.channel.drop("the worker misbehaved", answers=True)
 
     def channelLost(self, process: WorkerProcess, reason: Failure) -> None:
         self.broker.table.lose(process, keepOrphans=not self.stopping)
@@ -295,6 +296,9 @@ class ProcessTable:
         self.processes.discard(process)
         self.broker.table.lose(process, keepOrphans=not self.stopping)
         self.broker.forget(process)
+        if process.channel.dropped is not None and process.channel.transport is not None:
+            # Whatever still holds its end (a child it forked) is not heard.
+            process.channel.transport.loseConnection()
         fields = dict(worker=process.describe(), how=ending.description, workerId=process.workerId, pid=process.pid)
         if ending.failure is not None:
             _log.error("{worker} died ({how})", exitCode=exitCode, signal=signal, **fields)

@@ -50,7 +50,10 @@ from errno import ENOBUFS, EWOULDBLOCK
 from typing import Optional
 
 from twisted.internet import error, main, tcp, unix
-from twisted.internet.interfaces import _Binding
+try:
+    from twisted.internet.interfaces import _Binding
+except ImportError:  # Twisted before makeBinding() (26.10)
+    _Binding = None
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python import log
@@ -146,6 +149,15 @@ class SharedUNIXPort(unix.Port):
 
     _shouldShutdown = False
 
+    @property
+    def path(self):
+        """
+        The socket's path (Twisted 26.10 keeps it as C{_bindPath}, earlier
+        ones as C{port}).
+        """
+        bound = getattr(self, "_bindPath", None)
+        return bound if bound is not None else self.port
+
     @classmethod
     def adopt(cls, reactor, fd: int, factory) -> "SharedUNIXPort":
         """
@@ -163,9 +175,9 @@ class SharedUNIXPort(unix.Port):
         # port's default of 50).
         skt, self._preexistingSocket = self._preexistingSocket, None
         if skt is None:
-            raise error.CannotListenError(None, self._bindPath, "only an adopted socket can be shared")
+            raise error.CannotListenError(None, self.path, "only an adopted socket can be shared")
         tcp._reservedFD.reserve()
-        log.msg(f"{self._getLogPrefix(self.factory)} starting on {os.fsdecode(self._bindPath)!r}")
+        log.msg(f"{self._getLogPrefix(self.factory)} starting on {os.fsdecode(self.path)!r}")
         self.factory.doStart()
         self.connected = True
         self.socket = skt
@@ -241,7 +253,7 @@ def bindingOf(port) -> Optional[tuple]:
     C{(interface, port, reusePort)} when C{port}, given to C{listenTCP}, is a
     C{makeBinding()} binding; L{None} for a plain port number.
     """
-    if isinstance(port, _Binding):
+    if _Binding is not None and isinstance(port, _Binding):
         return port._address, port._port, port._reusePort
     return None
 

@@ -149,6 +149,9 @@ class Worker:
         os.close(fd)
         self.channel = channel
         self._call(Online, pid=self.pid)
+        # Now, not once the reactor runs: the application may take a while
+        # to load, and the master should know the worker is up meanwhile.
+        channel.flush()
         return channel
 
     @property

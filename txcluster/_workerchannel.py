@@ -221,13 +221,19 @@ class WorkerChannel(amp.AMP):
         self._flush()
         self._scheduleReplay()
 
+    def flush(self) -> None:
+        """
+        Write what waits to be sent, now, as far as the socket takes it.
+        """
+        self._flushSoon = False
+        if self.transport is not None and pendingBytes(self.transport):
+            self.transport.doWrite()
+
     def _flush(self) -> None:
         # A connection the worker adopted must not be read before the
         # master knows it was taken: if the worker died in between, the
         # master would give a half-read connection to another worker.
-        self._flushSoon = False
-        if self.transport is not None and pendingBytes(self.transport):
-            self.transport.doWrite()
+        self.flush()
 
     # Responders -----------------------------------------------------------
 

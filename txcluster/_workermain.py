@@ -18,9 +18,11 @@ import signal
 
 if __name__ == "__main__":
     # First of all: a terminal's Ctrl-C reaches the whole process group,
-    # and the master then drains the workers; a worker that is still
-    # importing must not die of it.
+    # and the master then drains the workers.  The master spawns workers
+    # with SIGINT blocked, so that one still starting its interpreter
+    # cannot die of it either; from here on it is ignored.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 import faulthandler  # noqa: E402
 import importlib  # noqa: E402

@@ -203,10 +203,26 @@ class SignalControl(service.Service):
     exits 0 instead (non-zero only when it gave up).
     """
 
+    #: The signals it handles.
+    SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM, signal.SIGINT)
+
     def __init__(self, cluster) -> None:
         self._cluster = cluster
         self._previous: dict = {}
         self._stopRequested = False
+        self._early: list = []
+
+    def keepEarlySignals(self) -> None:
+        """
+        From now until the reactor runs, keep these signals and act on them
+        once it does, instead of letting one kill the master (SIGTERM,
+        SIGHUP), raise C{KeyboardInterrupt} (SIGINT) or suspend it
+        (SIGTTIN): twistd starts the services, and so the workers, before
+        it runs the reactor, and Twisted installs its own handlers only as
+        the reactor starts.
+        """
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, lambda s, f: self._early.append(s))
 
     def startService(self) -> None:
         super().startService()
@@ -225,9 +241,11 @@ class SignalControl(service.Service):
             signal.SIGINT: lambda: self._stop(reactor, "SIGINT"),
         }
         for signum, action in handlers.items():
-            self._previous[signum] = signal.signal(
-                signum, lambda s, f, action=action: reactor.callFromThread(self._run, action)
-            )
+            previous = signal.signal(signum, lambda s, f, action=action: reactor.callFromThread(self._run, action))
+            self._previous.setdefault(signum, previous)
+        early, self._early = self._early, []
+        for signum in early:
+            self._run(handlers[signum])
 
     def _stop(self, reactor, name):
         from twisted.internet import defer
@@ -297,5 +315,7 @@ def makeService(options: Options) -> service.IService:
     cluster = ClusterService(configFromOptions(options))
     top = _Master(options["app"])
     cluster.setServiceParent(top)
-    SignalControl(cluster).setServiceParent(top)
+    control = SignalControl(cluster)
+    control.setServiceParent(top)
+    control.keepEarlySignals()
     return top
