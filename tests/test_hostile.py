@@ -299,7 +299,7 @@ class CommandTests(HostileTestsMixin, SynchronousTestCase):
         self.connect(1)
         first, second = worker.unanswered(NewConn)
         self.assertEqual(len(other.connections), 1)
-        worker.callRemote(Bogus, payload="x")
+        bogus = worker.callRemote(Bogus, payload="x")
         self.assertLogged(f"worker 1 (pid {worker.pid}) misbehaved: it sent an unknown command")
         self.assertFalse(worker.channel.lost)
         first.takeConnections()
@@ -309,6 +309,7 @@ class CommandTests(HostileTestsMixin, SynchronousTestCase):
         self.assertTrue(worker.channel.lost)
         self.assertEqual(len(other.connections), 2)
         self.assertEqual(self.cluster.statistics().dropped, 0)
+        self.failureResultOf(bogus)
 
     def test_commandsAfterMisbehaviourAreNotTaken(self) -> None:
         """
@@ -319,9 +320,13 @@ class CommandTests(HostileTestsMixin, SynchronousTestCase):
         worker = self.worker(1)
         worker.holding.add(NewConn)
         self.connect(1)
-        worker.callRemote(Bogus, payload="x")
-        worker.sendToMaster("ignored")
+        bogus = worker.callRemote(Bogus, payload="x")
+        message = worker.sendToMaster("ignored")
         self.assertEqual(self.eventsOf(WorkerMessage), [])
+        self.assertNoResult(message)
+        worker.kill()
+        self.failureResultOf(bogus)
+        self.failureResultOf(message)
 
     def test_unknownCommand(self) -> None:
         """

@@ -2047,8 +2047,8 @@ class MisbehaviourTests(ClusterTestsMixin, SynchronousTestCase):
 
     def test_malformedBoxLosesNoConnection(self) -> None:
         """
-        Connections handed to a worker whose channel breaks before it
-        answered go to another worker.
+        Connections handed to a misbehaving worker that it had not answered
+        for when it was killed go to another worker.
         """
         self.readyCluster(2, listens=[LOCAL])
         worker = self.worker(1)
@@ -2056,6 +2056,9 @@ class MisbehaviourTests(ClusterTestsMixin, SynchronousTestCase):
         (client,) = self.connect()
         worker.send(b"\x00\x05hello\x00\x03abc\x00\x00")
         self.flushLoggedErrors(amp.NoEmptyBoxes)
+        self.assertEqual(worker.process.signalNumbers(), [signal.SIGKILL])
+        worker.kill()
+        self.spawner.flush()
         (fd,) = self.worker(2).connections
         client.sendall(b"safe")
         self.assertEqual(readFrom(fd), b"safe")

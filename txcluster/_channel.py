@@ -209,6 +209,7 @@ class MasterChannel(amp.AMP):
         self._seconds = seconds
         self.dropped: Optional[str] = None
         self._answersOnly = False
+        self._handoffs = 0
         self._budget: Optional[CommandBudget] = None
         self._refusals = FailureWindow(REFUSAL_LIMIT, REFUSAL_WINDOW)
         self._boxSize = 0
@@ -242,10 +243,7 @@ class MasterChannel(amp.AMP):
             self._close()
 
     def _awaitingAnswers(self) -> bool:
-        if not self._answersOnly:
-            return False
-        outstanding = outstandingRequests(self)
-        return bool(outstanding)
+        return self._answersOnly and self._handoffs > 0
 
     def _close(self) -> None:
         self._answersOnly = False
@@ -471,7 +469,15 @@ class MasterChannel(amp.AMP):
         """
         ordinals = _DESCRIPTORS.toStringProto(fds, self)
         d = self.callRemoteString(NewConn.commandName, listenId=b"%d" % listenId, fds=ordinals)
+        self._handoffs += 1
+        d.addBoth(self._handoffAnswered)
         return d.addCallback(self._acceptedCount)
+
+    def _handoffAnswered(self, result):
+        self._handoffs -= 1
+        if self.dropped is not None and not self._awaitingAnswers() and not self._receiving:
+            self._close()
+        return result
 
     def _acceptedCount(self, box) -> int:
         try:
