@@ -8,6 +8,7 @@ answers, since the call blocks).
 import json
 import os
 import socket
+import struct
 import threading
 
 from twisted.internet import defer, error, reactor, task
@@ -654,6 +655,54 @@ class SynchronousCallTests(unittest.TestCase):
         with self.assertRaises(MasterUnavailable) as e:
             self.query(timeout=0.3)
         self.assertIn("QueryServer", str(e.exception))
+
+    async def test_lateAnswerDescriptorClosed(self):
+        """
+        An answer that arrives after the call gave up has its descriptor
+        closed: nothing else would ever close it.
+        """
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        asked = threading.Event()
+
+        def run():
+            buffer = b""
+            while b"QueryServer" not in buffer:
+                buffer += self.master.recv(65536)
+            (query,) = [b for b in amp.parseString(buffer) if b.get(b"_command") == b"QueryServer"]
+            asked.wait(5)
+            answer = amp.AmpBox(
+                {
+                    b"_answer": query[b"_ask"],
+                    b"listenId": b"7",
+                    b"scheduling": b"shared",
+                    b"host": b"127.0.0.1",
+                    b"port": b"4321",
+                    b"fd": b"0",
+                }
+            ).serialize()
+            self.master.sendmsg([answer], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", writeEnd))])
+            os.close(writeEnd)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        with self.assertRaises(MasterUnavailable):
+            self.query(timeout=0.2)
+        asked.set()
+        # The worker's reactor reads the late answer; once its copy of the
+        # pipe's write end is closed (the thread closed its own), the read
+        # end sees the end of the pipe.
+        os.set_blocking(readEnd, False)
+        for _ in range(200):
+            await task.deferLater(reactor, 0.01, lambda: None)
+            try:
+                if os.read(readEnd, 1) == b"":
+                    break
+            except BlockingIOError:
+                continue
+        else:
+            self.fail("the late answer's descriptor was not closed")
 
 
 class SharedUNIXPortTests(unittest.TestCase):

@@ -34,10 +34,21 @@ Modules:
   - C{_handles}: the master's table of shared listens.
   - C{_access}: declared listens and the C{--allow-listen} policy.
   - C{_process}: spawning a worker and relaying its output.
-  - C{_channel}: the master's end of a worker's AMP channel.
+  - C{_channel}: the master's end of a worker's AMP channel, and
+    C{WorkerRequests}, what a worker may ask of the master.
+  - C{_lifecycle}: a process's phase, how its end is judged, and the
+    state machine of a worker slot (see C{docs/lifecycle.md}).
+  - C{_supervisor}: the slots, spawning, restart policy, give-up,
+    scaling, recycling and the stop; C{_reload}: the rolling reload.
+  - C{_processes}: the master's table of worker processes.
+  - C{_heartbeat}: the ping that catches a blocked worker reactor.
+  - C{_listens}: the listen broker and its checks.
+  - C{_master}: C{ClusterService}, the façade over all of that.
+  - C{_twistedcompat}: every use of a Twisted private, each pinned by a
+    test.
   - C{_deferreds}: Deferreds several callers wait on.
-  - C{_master}: the master service and its supervision.
-  - C{_worker}, C{_intercept}, C{_workermain}: the worker side.
+  - C{_worker}, C{_workerchannel}, C{_ports}, C{_intercept},
+    C{_workermain}: the worker side.
 """
 
 import importlib
