@@ -1024,7 +1024,8 @@ class ReloadTests(ClusterTestsMixin, SynchronousTestCase):
         """
         cluster = self.readyCluster(1)
         self.spawner.spawnError = OSError(errno.EAGAIN, "Resource temporarily unavailable")
-        self.failureResultOf(cluster.reload(), ReloadFailed)
+        failure = self.failureResultOf(cluster.reload(), ReloadFailed)
+        self.assertIn("could not be spawned: [Errno 11] Resource temporarily unavailable", str(failure.value))
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.assertEqual(self.spawner.running(), [self.worker(1)])
         self.assertFalse(self.worker(1).disconnectRequested)

@@ -12,7 +12,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests._harness import MasterProcess, app, freePort, sleep
+from tests._harness import LogCapture, MasterProcess, app, freePort, listeningPort, sleep, startCluster
 
 
 def cpuSeconds(pid: int) -> float:
@@ -89,3 +89,31 @@ class FloodTests(unittest.TestCase):
         The same with log events (the JSON log pipe).
         """
         return self.flood("log")
+
+
+class ForgeryTests(unittest.TestCase):
+    timeout = 30
+
+    async def test_aWorkerCannotSpeakAsTheMaster(self):
+        """
+        An event a worker logs in the master's namespace, with the master's
+        system and another worker's id, reaches the master's log as that
+        worker's: namespace txcluster.worker, its own system, id and pid.
+        """
+        logs = LogCapture(self)
+        cluster, events = await startCluster(self, app("chatty.tac"), workers=1)
+        port = listeningPort(events)
+        import treq
+
+        response = await treq.get(f"http://127.0.0.1:{port}/forge", persistent=False, timeout=10)
+        who = (await response.text()).split()
+        for _ in range(100):
+            forged = [e for e in logs.events if "workers are gone" in (e.get("log_format") or "")]
+            if forged:
+                break
+            await sleep(0.05)
+        (event,) = forged
+        pid = int(who[2])
+        self.assertEqual(event["log_namespace"], "txcluster.worker")
+        self.assertEqual(event["workerNamespace"], "txcluster.master")
+        self.assertEqual((event["log_system"], event["workerId"], event["pid"]), (f"worker 1 pid {pid}", 1, pid))

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from txcluster._process import BatchingUNIXServer, WorkerOutput, adoptChannel
+from txcluster._process import LOG_PAUSE, BatchingUNIXServer, WorkerOutput, adoptChannel, interruptsBlocked
 from txcluster._twistedcompat import MAX_FDS_PER_MESSAGE, pendingBytes
 
 # Fixtures ---------------------------------------------------------------------
@@ -868,3 +868,82 @@ class WorkerOutputTests(unittest.SynchronousTestCase):
         output.processEnded(Failure(error.ProcessDone(0)))
         self.assertEqual(self.lines(), ["ok"])
         self.assertEqual(len(self.ended), 1)
+
+
+class _Reader:
+    """
+    A pipe reader of a child process (C{Process.pipes[fd]}): records
+    whether it reads.
+    """
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.calls: list = []
+
+    def stopReading(self) -> None:
+        self.reading = False
+        self.calls.append("stop")
+
+    def startReading(self) -> None:
+        self.reading = True
+        self.calls.append("start")
+
+
+class _PipedProcess(FakeProcess):
+    def __init__(self) -> None:
+        self.pipes = {1: _Reader(), 2: _Reader(), 4: _Reader()}
+
+
+class PauseTests(unittest.SynchronousTestCase):
+    """
+    A worker over its budget has the pipe it floods read only every
+    L{LOG_PAUSE}: its writes wait meanwhile, and the master reads a full
+    pipe per pause instead of waking up for every write.
+    """
+
+    def test_pausedWhileOver(self) -> None:
+        """
+        Dropping lines stops reading that pipe for LOG_PAUSE seconds; the
+        others go on.
+        """
+        clock = Clock()
+        output = WorkerOutput(7, lambda reason: None, lambda event: None, clock=clock, rate=10, burst=5)
+        process = _PipedProcess()
+        output.makeConnection(process)
+        output.childDataReceived(1, b"line\n" * 4)
+        self.assertEqual(process.pipes[1].calls, [])
+        output.childDataReceived(1, b"line\n" * 4)
+        self.assertEqual(process.pipes[1].calls, ["stop"])
+        self.assertEqual(process.pipes[2].calls, [])
+        output.childDataReceived(1, b"line\n" * 4)
+        self.assertEqual(process.pipes[1].calls, ["stop"])
+        clock.advance(LOG_PAUSE)
+        self.assertEqual(process.pipes[1].calls, ["stop", "start"])
+        self.assertEqual(output.dropped, 7)
+
+    def test_endCancelsTheResume(self) -> None:
+        """
+        A process that ends while a pipe is paused leaves no timer behind.
+        """
+        clock = Clock()
+        output = WorkerOutput(7, lambda reason: None, lambda event: None, clock=clock, rate=10, burst=1)
+        process = _PipedProcess()
+        output.makeConnection(process)
+        output.childDataReceived(2, b"a\nb\n")
+        output.processEnded(Failure(error.ProcessDone(0)))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class InterruptsBlockedTests(unittest.SynchronousTestCase):
+    def test_blockedMeanwhile(self) -> None:
+        """
+        SIGINT is blocked in this thread inside L{interruptsBlocked} (a
+        process spawned meanwhile inherits the mask), and the mask is what
+        it was afterwards.
+        """
+        import signal
+
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        with interruptsBlocked():
+            self.assertIn(signal.SIGINT, signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+        self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, set()), before)

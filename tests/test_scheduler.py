@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from txcluster._scheduler import (
     LEAST_BUSY,
     ROUND_ROBIN,
+    Allowance,
     Dispatcher,
     DispatcherStatistics,
     Handoff,
@@ -1012,3 +1013,158 @@ class PropertyTests(SynchronousTestCase):
                 self.assertEqual(dispatcher.answered(handoff, 1), [Release((connection,), True)])
                 connection += 1
             self.assertEqual(dispatcher.takers(), [w for w, alive in entries if alive])
+
+
+class AllowanceTests(SynchronousTestCase):
+    """
+    A worker's L{Allowance} (C{--max-requests}): what the dispatchers of
+    its handles may send it in all.
+    """
+
+    def test_noMoreWhileAnotherHasSome(self) -> None:
+        """
+        A worker that used its allowance gets nothing while another worker
+        in rotation has some left.
+        """
+        d = Dispatcher(window=8)
+        d.join("a", Allowance(2))
+        d.join("b", Allowance(10))
+        sent = handoffs_(d.accepted(list(range(6))))
+        self.assertEqual(sorted((h.worker, len(h.connections)) for h in sent), [("a", 2), ("b", 3)])
+        later = []
+        for handoff in sent:
+            later += handoffs_(d.answered(handoff, len(handoff.connections)))
+        self.assertEqual([(h.worker, h.connections) for h in later], [("b", (5,))])
+
+    def test_oneGoesOverWhenNoneHasAny(self) -> None:
+        """
+        When no worker in rotation has any allowance left, one of them —
+        the same one — takes what comes, so that the handle is served.
+        """
+        d = Dispatcher(window=8)
+        a, b = Allowance(1), Allowance(1)
+        d.join("a", a)
+        d.join("b", b)
+        for handoff in [h for h in d.accepted([0, 1]) if isinstance(h, Handoff)]:
+            d.answered(handoff, 1)
+        over = set()
+        for connection in range(2, 8):
+            for handoff in [h for h in d.accepted([connection]) if isinstance(h, Handoff)]:
+                over.add(handoff.worker)
+                d.answered(handoff, 1)
+        self.assertEqual(len(over), 1)
+        self.assertEqual(a.used + b.used, 8)
+
+    def test_sharedAcrossHandles(self) -> None:
+        """
+        One allowance counts what every handle sends.
+        """
+        first, second = Dispatcher(), Dispatcher()
+        a = Allowance(3)
+        first.join("a", a)
+        second.join("a", a)
+        first.join("b", Allowance(100))
+        second.join("b", Allowance(100))
+        first.accepted([0, 1])
+        second.accepted([2, 3, 4, 5])
+        self.assertEqual(a.used, 3)
+
+    def test_refusedAndLostAreGivenBack(self) -> None:
+        """
+        Connections a worker refused, or did not answer for before it was
+        lost, do not count against its allowance.
+        """
+        d = Dispatcher(window=8)
+        a = Allowance(5)
+        d.join("a", a)
+        (handoff,) = handoffs_(d.accepted([0, 1, 2]))
+        d.answered(handoff, 1)
+        self.assertEqual(a.used, 1)
+        d.join("a")
+        d.accepted([3, 4])
+        d.lose("a")
+        self.assertEqual(a.used, 1)
+
+    @_settings
+    @given(
+        limits=st.lists(st.one_of(st.none(), st.integers(min_value=0, max_value=6)), min_size=1, max_size=4),
+        policy=st.sampled_from([ROUND_ROBIN, LEAST_BUSY]),
+        operations=st.lists(
+            st.one_of(
+                st.tuples(st.just("accept"), st.integers(min_value=1, max_value=5)),
+                st.tuples(st.just("answer"), st.integers(min_value=0, max_value=50), st.integers(0, 5)),
+                st.tuples(st.just("lose"), st.integers(min_value=0, max_value=3)),
+                st.tuples(st.just("rejoin"), st.integers(min_value=0, max_value=3)),
+            ),
+            max_size=40,
+        ),
+    )
+    def test_theCapHolds(self, limits, policy, operations) -> None:
+        """
+        Whatever happens: a worker is sent connections past its limit only
+        when no other worker in rotation has allowance left, and then only
+        that one worker is sent anything; a worker with allowance left is
+        never pushed past its limit; and each allowance counts exactly what
+        its worker was sent and did not refuse or lose.
+        """
+        d = Dispatcher(policy, window=2, maxBatch=3)
+        allowances = {w: Allowance(limit) for w, limit in enumerate(limits)}
+        expected = {w: 0 for w in allowances}
+        alive = set(allowances)
+        outstanding: list = []
+        accepted = 0
+
+        def exhausted(w, used):
+            limit = allowances[w].limit
+            return limit is not None and used >= limit
+
+        def run(actions, usedBefore):
+            sent = [a for a in actions if isinstance(a, Handoff)]
+            for handoff in sent:
+                expected[handoff.worker] += len(handoff.connections)
+                outstanding.append(handoff)
+            over = {h.worker for h in sent if exhausted(h.worker, usedBefore[h.worker])}
+            if over:
+                self.assertEqual({h.worker for h in sent}, over)
+                self.assertEqual(len(over), 1)
+                for w in d.takers():
+                    if w not in over:
+                        self.assertTrue(exhausted(w, usedBefore[w]), (w, usedBefore, limits))
+            else:
+                for handoff in sent:
+                    limit = allowances[handoff.worker].limit
+                    if limit is not None:
+                        self.assertLessEqual(allowances[handoff.worker].used, limit)
+
+        for w in allowances:
+            run(d.join(w, allowances[w]), {v: a.used for v, a in allowances.items()})
+        for name, *args in operations:
+            usedBefore = {v: a.used for v, a in allowances.items()}
+            if name == "accept":
+                count = args[0]
+                run(d.accepted(list(range(accepted, accepted + count))), usedBefore)
+                accepted += count
+            elif name == "answer" and outstanding:
+                handoff = outstanding.pop(args[0] % len(outstanding))
+                count = min(args[1], len(handoff.connections))
+                refused = len(handoff.connections) - count
+                expected[handoff.worker] -= refused
+                usedBefore[handoff.worker] -= refused
+                run(d.answered(handoff, count), usedBefore)
+            elif name == "lose" and args[0] in alive:
+                w = args[0]
+                alive.discard(w)
+                mine = [h for h in outstanding if h.worker == w]
+                for h in mine:
+                    outstanding.remove(h)
+                    expected[w] -= len(h.connections)
+                    usedBefore[w] -= len(h.connections)
+                run(d.lose(w), usedBefore)
+            elif name == "rejoin" and args[0] in alive:
+                run(d.join(args[0]), usedBefore)
+            for w, allowance in allowances.items():
+                self.assertEqual(allowance.used, expected[w])
+
+
+def handoffs_(actions: list) -> list:
+    return [a for a in actions if isinstance(a, Handoff)]

@@ -56,6 +56,50 @@ class RespawnTests(unittest.TestCase):
 class ReloadTests(unittest.TestCase):
     timeout = 90
 
+    async def test_reloadDuringStartUpLeavesNoOldCode(self):
+        """
+        A reload asked for while the workers still start (they may have
+        loaded the application before it changed) waits for them and
+        replaces them too: when it is done, every worker runs the code as
+        of the reload, in a process started after it was asked for.
+        """
+        import tempfile
+
+        from txcluster import ClusterConfig, ClusterService, WorkerForked
+
+        from tests._harness import EventLog, stopCluster
+
+        fd, versionFile = tempfile.mkstemp()
+        os.close(fd)
+        self.addCleanup(os.unlink, versionFile)
+        with open(versionFile, "w") as f:
+            f.write("old")
+        environment = dict(os.environ, VERSION_FILE=versionFile, SLOW_LOAD="0.5")
+        cluster = ClusterService(
+            ClusterConfig(app=app("version.tac"), workers=2, env=environment, gracefulTimeout=5, startTimeout=20)
+        )
+        events = EventLog()
+        cluster.addObserver(events)
+        self.addCleanup(stopCluster, cluster)
+        cluster.startService()
+        await events.waitCount(WorkerForked, 2)
+        with open(versionFile, "w") as f:
+            f.write("new")
+        forkedBefore = {e.pid for e in events.of(WorkerForked)}
+        await cluster.reload()
+        ready = pidsById(cluster)
+        self.assertEqual(sorted(ready), [1, 2])
+        self.assertEqual(set(ready.values()) & forkedBefore, set())
+        import treq
+
+        port = listeningPort(events)
+        answers = set()
+        for _ in range(10):
+            response = await treq.get(f"http://127.0.0.1:{port}/", persistent=False, timeout=10)
+            answers.add((await response.text()).strip())
+        self.assertEqual({a.split()[-1] for a in answers}, {"new"}, answers)
+        self.assertFalse(any(pidAlive(pid) for pid in forkedBefore))
+
     async def test_reloadUnderLoadFailsNothing(self):
         """
         A rolling reload under continuous load replaces every worker (new

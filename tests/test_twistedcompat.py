@@ -41,6 +41,7 @@ from txcluster._twistedcompat import (
     SharedUNIXPort,
     adoptUNIXTransport,
     bindingOf,
+    childReader,
     connectionLostQuietly,
     makeConnectionQuietly,
     markTLS,
@@ -1237,3 +1238,43 @@ class MarkTLSReactorTests(unittest.TestCase):
         clone = tcp.Port(0, Factory())
         markTLS(clone)
         self.assertEqual(clone._type, port._type, followChange("marks its TLS ports differently", "markTLS"))
+
+
+class ChildReaderTests(unittest.TestCase):
+    """
+    L{childReader} finds the reader of a child's pipe in
+    C{Process.pipes}.
+    """
+
+    async def test_realProcess(self) -> None:
+        """
+        A process spawned by the reactor keeps its pipes' readers in
+        C{pipes}, by child descriptor, and they can stop and start reading.
+        """
+        import sys
+
+        from twisted.internet.protocol import ProcessProtocol
+
+        ended = Deferred()
+
+        class Quiet(ProcessProtocol):
+            def processEnded(self, reason):
+                ended.callback(None)
+
+        transport = reactor.spawnProcess(
+            Quiet(), sys.executable, [sys.executable, "-c", "import time; time.sleep(30)"], env=None
+        )
+        try:
+            reader = childReader(transport, 1)
+            self.assertIsNotNone(reader, followChange("no longer keeps a Process's pipe readers in pipes", "childReader"))
+            self.assertTrue(
+                callable(getattr(reader, "stopReading", None)) and callable(getattr(reader, "startReading", None)),
+                followChange("changed what a Process's pipes hold", "childReader"),
+            )
+            reader.stopReading()
+            reader.startReading()
+            self.assertIsNone(childReader(transport, 99))
+        finally:
+            transport.signalProcess("KILL")
+            await ended
+        self.assertIsNone(childReader(object(), 1))

@@ -505,6 +505,21 @@ class _Respawning:
     call: Any
 
 
+def _howLost(process: WorkerProcess) -> str:
+    """
+    How a process a slot was waiting for got lost, worded to follow its
+    name: C{"died with exit code 3"}, C{"could not be spawned: ..."}.
+    """
+    ending = process.ending
+    if ending is None:
+        return f"left before it was ready ({process.why or 'no reason given'})"
+    if ending.failure is not None:
+        return ending.failure
+    if not ending.spawned:
+        return ending.description
+    return f"ended before it was ready ({ending.description}{', ' + ending.why if ending.why else ''})"
+
+
 def _cancel(call) -> None:
     if call is not None and call.active():
         call.cancel()
@@ -623,10 +638,7 @@ def _buildMachine():
     @replacing.upon(_Inputs.successorFailed).to(serving)
     def _replacementFailed(m, core, s: _Replacing, process) -> Effects:
         _cancel(s.deadline)
-        how = s.new.ending.failure if s.new.ending is not None else None
-        if how is None:
-            how = f"left before it was ready ({s.new.why or 'no reason given'})"
-        why = ReloadFailed(f"replacement worker {s.new.workerId} (pid {s.new.pid}) {how}")
+        why = ReloadFailed(f"replacement worker {s.new.workerId} (pid {s.new.pid}) {_howLost(s.new)}")
         return [Fire(tuple(s.waiters), Failure(why))]
 
     @replacing.upon(_Inputs.predecessorGone).to(booting)

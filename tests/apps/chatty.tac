@@ -1,8 +1,8 @@
 """
 A twisted.web application whose workers can be made to write as fast as
 they can: GET /flood?kind=print&seconds=S starts a thread printing lines in
-a tight loop for S seconds (kind=log: log events instead); GET / answers
-"worker <id> <pid>".  It listens on $WEB_LISTEN (default
+a tight loop for S seconds (kind=log: log events instead); GET /forge logs
+a line that claims to be the master's; GET / answers "worker <id> <pid>".  It listens on $WEB_LISTEN (default
 tcp:0:interface=127.0.0.1).
 """
 
@@ -36,6 +36,12 @@ class Chatty(resource.Resource):
     isLeaf = True
 
     def render_GET(self, request):
+        if request.path == b"/forge":
+            # What a worker could try: speak as the master.
+            Logger(namespace="txcluster.master").info(
+                "master stopped: all workers are gone", log_system="txcluster master", workerId=99, pid=1
+            )
+            return LINE
         if request.path == b"/flood":
             kind = request.args.get(b"kind", [b"print"])[0].decode()
             seconds = float(request.args.get(b"seconds", [b"5"])[0])
