@@ -9,7 +9,6 @@ import errno
 import math
 import os
 import resource
-import select
 import socket
 import struct
 import sys
@@ -17,7 +16,7 @@ import time
 
 from twisted.internet import error, unix
 from twisted.internet.interfaces import IFileDescriptorReceiver
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, eventAsJSON, formatEvent, globalLogPublisher
@@ -28,6 +27,8 @@ from zope.interface import implementer
 
 from txcluster._process import LOG_PAUSE, BatchingUNIXServer, WorkerOutput, adoptChannel, interruptsBlocked
 from txcluster._twistedcompat import MAX_FDS_PER_MESSAGE, pendingBytes
+
+from tests._transports import OneProtocol, pipeDescriptors, pump
 
 # Fixtures ---------------------------------------------------------------------
 
@@ -43,12 +44,7 @@ def socketPair(testCase) -> tuple:
     return a, b
 
 
-class _OneProtocol(Factory):
-    def __init__(self, protocol) -> None:
-        self.protocol = protocol
 
-    def buildProtocol(self, addr):
-        return self.protocol
 
 
 def ordinaryTransport(testCase, clock, sock, protocol) -> unix.Server:
@@ -56,7 +52,7 @@ def ordinaryTransport(testCase, clock, sock, protocol) -> unix.Server:
     Twisted's own UNIX transport for C{protocol} over C{sock} (C{dup()}ed),
     in the memory reactor C{clock}; its socket is closed after the test.
     """
-    transport = unix.Server._fromConnectedSocket(sock.fileno(), _OneProtocol(protocol), clock)
+    transport = unix.Server._fromConnectedSocket(sock.fileno(), OneProtocol(protocol), clock)
     testCase.addCleanup(transport.socket.close)
     return transport
 
@@ -71,18 +67,7 @@ def channel(testCase, clock, sock, protocol) -> BatchingUNIXServer:
     return transport
 
 
-def pipeDescriptors(testCase, count: int) -> list:
-    """
-    C{count} distinct file descriptors (read ends of pipes, each its own
-    inode), closed after the test.
-    """
-    fds = []
-    for _ in range(count):
-        r, w = os.pipe()
-        os.close(w)
-        testCase.addCleanup(os.close, r)
-        fds.append(r)
-    return fds
+
 
 
 def inode(fd: int) -> int:
@@ -113,31 +98,10 @@ def needDescriptors(count: int) -> None:
         raise unittest.SkipTest(f"RLIMIT_NOFILE is {soft}: the test needs {count} descriptors more")
 
 
-def readable(fd) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
 
 
-def pump(clock, transports, rounds: int = 100_000) -> None:
-    """
-    Drive C{transports} (in the memory reactor C{clock}) until none has
-    anything to write or to read.
-    """
-    for _ in range(rounds):
-        busy = False
-        for transport in transports:
-            if transport in clock.getWriters():
-                busy = True
-                result = transport.doWrite()
-                if result is not None:
-                    raise AssertionError(f"{transport} doWrite() failed: {result!r}")
-            while readable(transport.fileno()):
-                busy = True
-                result = transport.doRead()
-                if result is not None:
-                    raise AssertionError(f"{transport} doRead() failed: {result!r}")
-        if not busy:
-            return
-    raise AssertionError(f"{transports} still busy after {rounds} rounds")
+
+
 
 
 class RawReceiver:

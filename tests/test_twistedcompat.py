@@ -10,7 +10,6 @@ one of them is found here.
 
 import errno
 import os
-import select
 import shutil
 import socket
 import tempfile
@@ -51,6 +50,8 @@ from txcluster._twistedcompat import (
     responderFor,
     unclaimedDescriptors,
 )
+
+from tests._transports import OneProtocol, pipeDescriptors
 
 
 def followChange(change: str, follower: str) -> str:
@@ -104,12 +105,7 @@ def tcpPair(testCase) -> tuple:
     return client, server
 
 
-class _OneProtocol(Factory):
-    def __init__(self, protocol) -> None:
-        self.protocol = protocol
 
-    def buildProtocol(self, addr):
-        return self.protocol
 
 
 def adoptedUNIX(testCase, clock, sock, protocol, transportClass=unix.Server):
@@ -119,7 +115,7 @@ def adoptedUNIX(testCase, clock, sock, protocol, transportClass=unix.Server):
     C{doRead} and C{doWrite} itself).  The transport's socket is closed
     after the test.
     """
-    transport = transportClass._fromConnectedSocket(sock.fileno(), _OneProtocol(protocol), clock)
+    transport = transportClass._fromConnectedSocket(sock.fileno(), OneProtocol(protocol), clock)
     testCase.addCleanup(transport.socket.close)
     return transport
 
@@ -139,45 +135,13 @@ def drain(sock) -> bytes:
         chunks.append(chunk)
 
 
-def readable(fd) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
 
 
-def pump(clock, transports, rounds: int = 10_000) -> None:
-    """
-    Drive C{transports} (in the memory reactor C{clock}) until none has
-    anything to write or to read.
-    """
-    for _ in range(rounds):
-        busy = False
-        for transport in transports:
-            if transport in clock.getWriters():
-                busy = True
-                result = transport.doWrite()
-                if result is not None:
-                    raise AssertionError(f"{transport} doWrite() failed: {result!r}")
-            while readable(transport.fileno()):
-                busy = True
-                result = transport.doRead()
-                if result is not None:
-                    raise AssertionError(f"{transport} doRead() failed: {result!r}")
-        if not busy:
-            return
-    raise AssertionError(f"{transports} still busy after {rounds} rounds")
 
 
-def pipeDescriptors(testCase, count: int) -> list:
-    """
-    C{count} distinct file descriptors (read ends of pipes, each its own
-    inode), closed after the test.
-    """
-    fds = []
-    for _ in range(count):
-        r, w = os.pipe()
-        os.close(w)
-        testCase.addCleanup(os.close, r)
-        fds.append(r)
-    return fds
+
+
+
 
 
 def inode(fd: int) -> int:
@@ -253,7 +217,7 @@ class PendingBytesTests(unittest.SynchronousTestCase):
     def tcpTransport(self):
         clock = MemoryReactorClock()
         mine, peer = tcpPair(self)
-        transport = tcp.Server._fromConnectedSocket(mine.fileno(), socket.AF_INET, _OneProtocol(Protocol()), clock)
+        transport = tcp.Server._fromConnectedSocket(mine.fileno(), socket.AF_INET, OneProtocol(Protocol()), clock)
         self.addCleanup(transport.socket.close)
         return clock, transport, peer
 

@@ -78,25 +78,9 @@ class ListenBroker:
             raise WorkerLeaving("the master is stopping")
         key = ListenKey(kind, normalizeAddress(kind, address), port, index)
         if not key.isStream and self._datagramsRefused is not None:
-            why = f"{key.describe()}: {self._datagramsRefused}"
-            _log.warn(
-                "{worker} may not listen on {why}",
-                worker=process.describe(),
-                why=why,
-                workerId=process.workerId,
-                pid=process.pid,
-            )
-            raise ListenRefused(why)
+            self._refuse(process, key, self._datagramsRefused)
         if not self.policy.permits(key):
-            why = f"{key.describe()}: {self.policy.explain()}"
-            _log.warn(
-                "{worker} may not listen on {why}",
-                worker=process.describe(),
-                why=why,
-                workerId=process.workerId,
-                pid=process.pid,
-            )
-            raise ListenRefused(why)
+            self._refuse(process, key, self.policy.explain())
         try:
             handle = self.table.query(process, key, backlog, mode)
         except OSError as e:
@@ -119,6 +103,17 @@ class ListenBroker:
             "port": handle.port,
             "fd": handle.sock.fileno() if handle.dispatcher is None else None,
         }
+
+    def _refuse(self, process: WorkerProcess, key: ListenKey, reason: str) -> None:
+        why = f"{key.describe()}: {reason}"
+        _log.warn(
+            "{worker} may not listen on {why}",
+            worker=process.describe(),
+            why=why,
+            workerId=process.workerId,
+            pid=process.pid,
+        )
+        raise ListenRefused(why)
 
     def listening(self, process: WorkerProcess, listenId: int) -> None:
         handle = self.table.get(listenId)
