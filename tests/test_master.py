@@ -1030,6 +1030,48 @@ class ReloadTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertEqual(self.spawner.running(), [self.worker(1)])
         self.assertFalse(self.worker(1).disconnectRequested)
 
+    def test_secondReloadWhileTheOldOnesDrain(self) -> None:
+        """
+        A reload asked for while the first one waits for its old workers to
+        exit replaces the new ones too: they were started before it.
+        """
+        cluster = self.readyCluster(1)
+        first = cluster.reload()
+        self.worker(1).start()
+        old, new = self.spawner.workers
+        self.assertTrue(old.disconnectRequested)
+        second = cluster.reload()
+        old.exit(0)
+        self.assertEqual(len(self.spawner.workers), 3)
+        self.assertNoResult(second)
+        self.worker(1).start()
+        new.exit(0)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(self.spawner.running(), [self.spawner.workers[2]])
+
+    def test_failedReloadFailsEveryCaller(self) -> None:
+        """
+        Every caller of a reload that fails hears of the failure, the one
+        that joined it too.
+        """
+        cluster = self.readyCluster(1)
+        first, second = cluster.reload(), cluster.reload()
+        self.worker(1).exit(1)
+        self.failureResultOf(first, ReloadFailed)
+        self.failureResultOf(second, ReloadFailed)
+
+    def test_stopDuringAReload(self) -> None:
+        """
+        A stop while a reload runs fails the reload with L{ClusterStopped};
+        that is no reload error to log.
+        """
+        cluster = self.readyCluster(1)
+        d = cluster.reload()
+        cluster.stopService()
+        self.failureResultOf(d, ClusterStopped)
+        self.assertNotLogged("reload aborted")
+
     def test_reloadWhileStopping(self) -> None:
         """
         A reload asked for while the cluster stops fails with
@@ -1323,6 +1365,32 @@ class LimitTests(ClusterTestsMixin, SynchronousTestCase):
         self.connect(3)
         self.assertEqual((len(old.connections), len(new.connections)), (3, 3))
 
+    def test_failedRecycleIsTriedAgain(self) -> None:
+        """
+        A replacement that fails leaves the worker serving, over its limit,
+        and sent nothing while another worker can take connections: the
+        recycling is tried again after a backoff, not left to a connection
+        that may never come.
+        """
+        self.limits(2, 100)
+        self.readyCluster(2, listens=[LOCAL], maxRequests=1, minRestartDelay=1, maxRestartDelay=1)
+        old = self.worker(1)
+        self.connect(4)
+        self.assertEqual(len(old.connections), 2)
+        replacement = self.worker(1)
+        self.assertIsNot(replacement, old)
+        replacement.exit(1)
+        self.assertLogged("recycling worker 1 failed: replacement worker 1", LogLevel.error)
+        self.assertLogged("trying again in 1", LogLevel.error)
+        self.connect(5)
+        self.assertEqual(len(old.connections), 2)
+        self.assertEqual(len(self.spawner.workers), 3)
+        self.reactor.advance(1.2)
+        self.assertEqual(len(self.spawner.workers), 4)
+        retry = self.worker(1)
+        retry.start([LOCAL])
+        self.assertTrue(old.disconnectRequested)
+
     def test_leastBusy(self) -> None:
         """
         The cap holds under least-busy scheduling too.
@@ -1342,6 +1410,8 @@ class LimitTests(ClusterTestsMixin, SynchronousTestCase):
         """
         e = self.assertRaises(ValueError, ClusterConfig, app="app.tac", maxRequests=10, scheduling="shared")
         self.assertIn("--max-requests needs --scheduling rr or least-busy", str(e))
+        e = self.assertRaises(ValueError, ClusterConfig, app="app.tac", maxRequests=10, listens=("udp:5353",))
+        self.assertIn("--listen udp:5353: --max-requests counts connections", str(e))
 
     def test_datagramsRefused(self) -> None:
         """
@@ -1412,11 +1482,27 @@ class LeaveOnItsOwnTests(ClusterTestsMixin, SynchronousTestCase):
         old.kill(signal.SIGTERM)
         self.assertIsNot(self.worker(1), old)
         self.assertNotLogged("backing off")
-        old = self.worker(1)
-        old.start()
-        old.callRemote(Leaving, why="SIGTERM")
-        self.assertIsNot(self.worker(1), old)
-        self.assertNotLogged("backing off")
+
+    def test_quickStopsInARowBackOff(self) -> None:
+        """
+        A worker that keeps stopping soon after it starts (an application
+        that stops its reactor, or leaves, right after it is ready) backs
+        off from the second time in a row, so that it does not loop; none
+        of it counts as a failure.
+        """
+        cluster = self.readyCluster(1, stableAfter=10, minRestartDelay=5, maxRestarts=0, startTimeout=0)
+        spawned = []
+        for attempt in range(3):
+            worker = self.worker(1)
+            if attempt:
+                worker.start()
+            worker.callRemote(Leaving, why="the application stopped the reactor")
+            worker.exit(0)
+            spawned.append(len(self.spawner.workers))
+            self.reactor.advance(6)
+        self.assertEqual(spawned, [2, 2, 3])
+        self.assertLogged("worker 1 ended 2 times in a row soon after starting: backing off for 5", LogLevel.warn)
+        self.assertEqual((cluster.statistics().failures, self.gaveUp), (0, []))
 
     def test_leavingReplacementFailsTheReload(self) -> None:
         """

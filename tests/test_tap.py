@@ -97,6 +97,9 @@ class OptionsTests(SynchronousTestCase):
             parse("--app", app("web.tac"), "--max-requests", "100", "--scheduling", "shared")
         self.assertIn("--max-requests needs --scheduling rr or least-busy", str(e.exception))
         self.assertEqual(parse("--app", app("web.tac"), "--max-requests", "100", "-s", "least-busy")["max-requests"], 100)
+        with self.assertRaises(usage.UsageError) as e:
+            parse("--app", app("web.tac"), "--max-requests", "100", "--listen", "udp:5353")
+        self.assertIn("--listen udp:5353: --max-requests counts connections", str(e.exception))
 
     def test_app(self):
         """

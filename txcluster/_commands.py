@@ -16,6 +16,7 @@ L{WorkerCount}.
 See C{docs/protocol.md} for the prose version.
 """
 
+import json
 import os
 
 from twisted.protocols import amp
@@ -74,6 +75,20 @@ def closeUnclaimedDescriptors(proto: amp.AMP) -> None:
         except OSError:
             pass
     descriptors.clear()
+
+
+def encodeMessage(message) -> str:
+    """
+    C{message} as the JSON text of a L{ToMaster} or L{ToWorker}.
+
+    @raise MessageTooLarge: it is over 65535 bytes.
+    @raise TypeError: it is not JSON-serialisable.
+    """
+    text = json.dumps(message)
+    size = len(text.encode("utf-8"))
+    if size > 0xFFFF:
+        raise MessageTooLarge(f"a message is at most 65535 bytes of JSON; this one is {size}")
+    return text
 
 
 class BindFailed(Exception):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_heartbeat -*-
+# -*- test-case-name: tests.test_master -*-
 """
 The heartbeat: the master pings each ready worker over its channel, and
 the worker's reactor answers.  A worker whose reactor is blocked does not,

@@ -96,7 +96,7 @@ _NEXT = {
     Phase.ONLINE: {Phase.READY, Phase.DRAINING, Phase.LEAVING, Phase.FAILING, Phase.DEAD},
     Phase.READY: {Phase.DRAINING, Phase.LEAVING, Phase.FAILING, Phase.DEAD},
     Phase.DRAINING: {Phase.DEAD},
-    Phase.LEAVING: {Phase.DRAINING, Phase.DEAD},
+    Phase.LEAVING: {Phase.DEAD},
     Phase.FAILING: {Phase.DEAD},
     Phase.DEAD: set(),
 }
@@ -381,11 +381,17 @@ class SlotCore:
 
     def lossDelay(self, lost: WorkerProcess) -> float:
         """
-        How long to wait before respawning after the slot lost C{lost}: no
-        time after a process that was stopped (its end is not a failure) or
-        that had been up for C{stableAfter}, a growing backoff after quick
-        failures in a row, the longest backoff after a process that could
-        not be spawned.  Counts the restart and logs what it decided.
+        How long to wait before respawning after the slot lost C{lost}.
+
+        A process lost soon after it started (before it was ready, or
+        within C{stableAfter}) is a quick loss; quick losses in a row back
+        off: a failure by C{restartDelay(n)} for the n-th in a row, an end
+        that is not a failure (it was stopped, or left on its own) one step
+        later, so that an operator's first C{SIGTERM} is replaced at once
+        but an application that stops itself right after it starts does
+        not loop.  A process that had been up for C{stableAfter} is
+        replaced at once, and one that could not be spawned after the
+        longest backoff.  Counts the restart and logs what it decided.
         """
         self.restarts += 1
         now = self.host.seconds()
@@ -397,21 +403,19 @@ class SlotCore:
                 delay=seconds(delay),
             )
             return delay
-        if (lost.ending is not None and lost.ending.failure is None) or lost.phase is Phase.LEAVING:
-            # It was stopped (an operator's SIGTERM, its own disconnect()),
-            # not a crash: replace it at once.
-            _log.info("respawning worker {workerId}", workerId=self.workerId)
-            return 0.0
         quick = lost.readyAt is None or lost.forkedAt is None or now - lost.forkedAt < self.host.stableAfter
         self.quickDeaths = self.quickDeaths + 1 if quick else 0
-        delay = max(0.0, self.host.restartDelay(self.quickDeaths))
+        failed = lost.ending.failure is not None if lost.ending is not None else lost.phase is Phase.FAILING
+        steps = self.quickDeaths if failed else self.quickDeaths - 1
+        delay = max(0.0, self.host.restartDelay(steps)) if steps > 0 else 0.0
         if delay <= 0:
             _log.info("respawning worker {workerId}", workerId=self.workerId)
         else:
+            verb = "failed" if failed else "ended"
             _log.warn(
-                "worker {workerId} {failed} soon after starting: backing off for {delay}",
+                "worker {workerId} {ended} soon after starting: backing off for {delay}",
                 workerId=self.workerId,
-                failed="failed" if self.quickDeaths == 1 else f"failed {self.quickDeaths} times in a row",
+                ended=verb if self.quickDeaths == 1 else f"{verb} {self.quickDeaths} times in a row",
                 delay=seconds(delay),
             )
         return delay
@@ -476,8 +480,8 @@ class _Inputs(Protocol):
     def retire(self) -> Effects:
         "The slot is scaled away."
 
-    def stop(self, timeout: float) -> Effects:
-        "The cluster stops; leaving processes have C{timeout} seconds."
+    def stop(self) -> Effects:
+        "The cluster stops; its processes are to be drained."
 
 
 @frozen(eq=False)
@@ -675,31 +679,31 @@ def _buildMachine():
         return [Fire(core.takeReadyWaiters(), _stopped(f"worker {core.workerId} was scaled away"))]
 
     @idle.upon(_Inputs.stop).to(stopped)
-    def _stopIdle(m, core, timeout) -> Effects:
+    def _stopIdle(m, core) -> Effects:
         return [Fire(core.takeReadyWaiters(), _stopped("the cluster stopped"))]
 
     @booting.upon(_Inputs.stop).to(stopped)
-    def _stopBooting(m, core, s: _Booting, timeout) -> Effects:
+    def _stopBooting(m, core, s: _Booting) -> Effects:
         _cancel(s.deadline)
-        return [Drain(s.process, "stop", timeout), Fire(core.takeReadyWaiters(), _stopped("the cluster stopped"))]
+        return [Drain(s.process, "stop"), Fire(core.takeReadyWaiters(), _stopped("the cluster stopped"))]
 
     @serving.upon(_Inputs.stop).to(stopped)
-    def _stopServing(m, core, s: _Serving, timeout) -> Effects:
-        return [Drain(s.process, "stop", timeout), Fire(core.takeReadyWaiters(), _stopped("the cluster stopped"))]
+    def _stopServing(m, core, s: _Serving) -> Effects:
+        return [Drain(s.process, "stop"), Fire(core.takeReadyWaiters(), _stopped("the cluster stopped"))]
 
     @replacing.upon(_Inputs.stop).to(stopped)
-    def _stopReplacing(m, core, s: _Replacing, timeout) -> Effects:
+    def _stopReplacing(m, core, s: _Replacing) -> Effects:
         _cancel(s.deadline)
         stop = _stopped("the cluster stopped")
         return [
-            Drain(s.new, "stop", timeout),
-            Drain(s.old, "stop", timeout),
+            Drain(s.new, "stop"),
+            Drain(s.old, "stop"),
             Fire(tuple(s.waiters), stop),
             Fire(core.takeReadyWaiters(), stop),
         ]
 
     @respawning.upon(_Inputs.stop).to(stopped)
-    def _stopRespawning(m, core, s: _Respawning, timeout) -> Effects:
+    def _stopRespawning(m, core, s: _Respawning) -> Effects:
         _cancel(s.call)
         return [Fire(core.takeReadyWaiters(), _stopped("the cluster stopped"))]
 
@@ -807,7 +811,9 @@ class Slot:
         view = self.view()
         if view.state not in ("serving", "replacing"):
             return [Fire((done,), Failure(ReloadFailed(f"worker {self.workerId} is {view.state}, not serving")))]
-        return self._input("replace", view.current, self._newProcess(self.workerId), reason, done)
+        # Already replacing: the caller joins; no new process is made.
+        new = view.successor if view.successor is not None else self._newProcess(self.workerId)
+        return self._input("replace", view.current, new, reason, done)
 
     def retire(self) -> Effects:
         """
@@ -815,11 +821,12 @@ class Slot:
         """
         return self._input("retire")
 
-    def stop(self, timeout: float) -> Effects:
+    def stop(self) -> Effects:
         """
-        The cluster stops: its processes drain within C{timeout}.
+        The cluster stops: its processes are to drain (the caller says
+        with how much time left).
         """
-        return self._input("stop", timeout)
+        return self._input("stop")
 
     def _input(self, name: str, *args) -> Effects:
         try:

@@ -114,6 +114,10 @@ class ClusterConfig:
     def __attrs_post_init__(self) -> None:
         if self.maxRequests and self.scheduling == SHARED:
             raise ValueError(MAX_REQUESTS_SHARED)
+        if self.maxRequests:
+            for description in self.listens:
+                if not parseDeclared(description).key.isStream:
+                    raise ValueError(f"--listen {description}: {MAX_REQUESTS_DATAGRAMS}")
 
 
 @frozen

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from txcluster import _commands, _events
 from txcluster._channel import MasterChannel
-from txcluster._commands import Disconnect, ToWorker, WorkerCount
+from txcluster._commands import Disconnect, ToWorker, WorkerCount, encodeMessage
 from txcluster._lifecycle import (
     SERVING_PHASES,
     Phase,
@@ -241,7 +241,7 @@ class ProcessTable:
             pid=process.pid,
         )
         self._emit(_events.WorkerDisconnected(process.workerId, process.pid, why))
-        self.killAfter(process, self._config.gracefulTimeout, self._killLate)
+        self.killAfter(process, self._config.gracefulTimeout, self._killLate(self._config.gracefulTimeout))
         self._observer.processLost(process)
 
     def message(self, process: WorkerProcess, text: str) -> None:
@@ -328,14 +328,19 @@ class ProcessTable:
         """
         Ask C{process} to leave gracefully; kill it after C{timeout} (the
         graceful timeout by default).  A process already asked, or gone, is
-        left as it is; one leaving on its own is now asked too.
+        left as it is; one leaving on its own is not asked again, but is
+        killed after C{timeout} if that comes sooner than its own deadline
+        (a stop's one deadline holds for it too).
         """
+        if timeout is None:
+            timeout = self._config.gracefulTimeout
+        if process.phase is Phase.LEAVING:
+            self.killAfter(process, timeout, self._killLate(timeout))
+            return
         if process.phase not in SERVING_PHASES:
             return
         process.advance(Phase.DRAINING, reason)
         self.broker.table.leaveAll(process)
-        if timeout is None:
-            timeout = self._config.gracefulTimeout
         _log.info(
             "{worker} disconnecting ({reason}): it has {timeout} to finish",
             worker=process.describe(),
@@ -347,7 +352,7 @@ class ProcessTable:
         self._emit(_events.WorkerDisconnected(process.workerId, process.pid, reason))
         if process.channel.transport is not None:
             process.channel.callRemote(Disconnect, timeout=timeout).addErrback(lambda f: None)
-        self.killAfter(process, timeout, self._killLate)
+        self.killAfter(process, timeout, self._killLate(timeout))
 
     def fail(self, process: WorkerProcess, how: str) -> None:
         """
@@ -411,16 +416,25 @@ class ProcessTable:
             current.cancel()
         self._killTimers[process] = self._reactor.callLater(delay, kill, process)
 
-    def _killLate(self, process: WorkerProcess) -> None:
-        if process.phase is not Phase.DEAD:
-            _log.warn(
-                "{worker} still running {timeout} after it was asked to stop: killing it",
-                worker=process.describe(),
-                timeout=seconds(self._config.gracefulTimeout),
-                workerId=process.workerId,
-                pid=process.pid,
-            )
-            self.kill(process)
+    def _killLate(self, timeout: float) -> Callable[[WorkerProcess], None]:
+        """
+        What kills a leaving process that is still running C{timeout}
+        seconds after it began to leave.
+        """
+
+        def kill(process: WorkerProcess) -> None:
+            if process.phase is not Phase.DEAD:
+                _log.warn(
+                    "{worker} still running {timeout} after it {began}: killing it",
+                    worker=process.describe(),
+                    timeout=seconds(timeout),
+                    began="began to leave on its own" if process.phase is Phase.LEAVING else "was asked to stop",
+                    workerId=process.workerId,
+                    pid=process.pid,
+                )
+                self.kill(process)
+
+        return kill
 
     # Messages ----------------------------------------------------------------
 
@@ -428,8 +442,6 @@ class ProcessTable:
         """
         Send C{message} (JSON-serialisable) to C{process} with L{ToWorker}.
         """
-        from txcluster._worker import encodeMessage
-
         try:
             text = encodeMessage(message)
         except Exception:

@@ -101,39 +101,48 @@ class RollingReload:
         while True:
             mark = self._mark
             stale = [supervisor.slots[w] for w in sorted(supervisor.slots) if self._stale(supervisor.slots[w], mark)]
-            if not stale:
-                break
-            semaphore = defer.DeferredSemaphore(concurrency)
-            failures: list = []
-
-            async def step(slot: Slot) -> None:
-                if failures or supervisor.stopping():
-                    return
-                try:
-                    replaced[0] += await self._refresh(slot, mark)
-                except Exception as e:
-                    failures.append(e)
-
-            await defer.DeferredList([semaphore.run(lambda s=s: defer.ensureDeferred(step(s))) for s in stale])
-            if failures:
-                why = failures[0]
-                _log.error("reload aborted: {why}; the remaining old workers keep serving", why=why)
-                raise ReloadFailed(str(why))
+            if stale:
+                await self._refreshAll(stale, mark, concurrency, replaced)
+                continue
+            # The old processes are gone before the reload is done: no
+            # worker runs code loaded before it was asked for.
+            await defer.DeferredList(
+                [observe(p.exited) for p in supervisor.processes.processes if p.serial <= mark]
+            )
             if supervisor.stopping():
                 raise ClusterStopped("the cluster is stopping")
-        # The old processes are gone before the reload is done: no worker
-        # runs code loaded before it was asked for.
-        await defer.DeferredList(
-            [observe(p.exited) for p in supervisor.processes.processes if p.serial <= self._mark]
-        )
+            if self._mark == mark:
+                break
+            # Asked for again meanwhile: what started since is stale too.
         _log.info("reload complete: {count} workers replaced", count=replaced[0])
+
+    async def _refreshAll(self, stale: list, mark: int, concurrency: int, replaced: list) -> None:
+        supervisor = self._supervisor
+        semaphore = defer.DeferredSemaphore(concurrency)
+        failures: list = []
+
+        async def step(slot: Slot) -> None:
+            if failures or supervisor.stopping():
+                return
+            try:
+                replaced[0] += await self._refresh(slot, mark)
+            except Exception as e:
+                failures.append(e)
+
+        await defer.DeferredList([semaphore.run(lambda s=s: defer.ensureDeferred(step(s))) for s in stale])
+        if supervisor.stopping() or any(isinstance(e, ClusterStopped) for e in failures):
+            raise ClusterStopped("the cluster is stopping")
+        if failures:
+            why = failures[0]
+            _log.error("reload aborted: {why}; the remaining old workers keep serving", why=why)
+            raise ReloadFailed(str(why))
 
     async def _refresh(self, slot: Slot, mark: int) -> int:
         """
         Make C{slot} run a process made after C{mark}: replace its ready
         process, or wait for a booting one to be ready and replace it then.
 
-        @return: how many processes were replaced.
+        @return: how many processes were replaced by a ready one.
         """
         supervisor = self._supervisor
         count = 0
@@ -145,7 +154,9 @@ class RollingReload:
                 done = defer.Deferred()
                 supervisor.replace(slot, "reload", done)
                 await done
-                count += 1
+                after = slot.view()
+                if after.state == "serving" and after.current.serial > mark:
+                    count += 1
             elif view.state in ("booting", "replacing") and self._stale(slot, mark):
                 await supervisor.changed(slot)
             else:

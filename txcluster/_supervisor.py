@@ -24,6 +24,7 @@ from txcluster._lifecycle import (
     Effects,
     Fire,
     Kill,
+    Phase,
     Serve,
     Slot,
     Spawn,
@@ -70,6 +71,7 @@ class Supervisor:
         self.heartbeat: Optional[Heartbeat] = None
         self._watchers: dict[Slot, list] = {}
         self._reload = RollingReload(self)
+        self._recycleTries: dict[WorkerProcess, int] = {}
         self._stopping: Optional[defer.Deferred] = None
         self.gaveUp = False
 
@@ -168,10 +170,8 @@ class Supervisor:
 
     def processReady(self, process: WorkerProcess) -> None:
         slot = self.slotOf(process)
-        if slot is None:
-            self._emit(_events.WorkerReady(process.workerId, process.pid))
-            return
-        self.run(slot, slot.processReady(process))
+        if slot is not None:
+            self.run(slot, slot.processReady(process))
 
     def processLost(self, process: WorkerProcess) -> None:
         slot = self.slotOf(process)
@@ -180,6 +180,7 @@ class Supervisor:
 
     def processEnded(self, process: WorkerProcess) -> None:
         self.heartbeat.forget(process)
+        self._recycleTries.pop(process, None)
         ending = process.ending
         if ending.failure is not None and self._stopping is None and not self.gaveUp:
             if self._failures.record(self._clock.seconds()):
@@ -228,12 +229,31 @@ class Supervisor:
             pid=process.pid,
         )
         done = defer.Deferred()
-        done.addErrback(
-            lambda f: _log.error(
-                "recycling worker {workerId} failed: {why}", workerId=process.workerId, why=f.getErrorMessage()
-            )
-        )
+        done.addCallbacks(lambda _: self._recycleTries.pop(process, None), self._recycleFailed, errbackArgs=(process,))
         self.replace(slot, "recycle", done)
+
+    def _recycleFailed(self, failure: Failure, process: WorkerProcess) -> None:
+        # The worker serves on, over its limit, and the dispatchers send it
+        # nothing while another worker can take connections: try again on
+        # a timer, backing off like a respawn (each failed boot counts
+        # towards --max-restarts anyway).
+        tries = self._recycleTries[process] = self._recycleTries.get(process, 0) + 1
+        delay = max(self.config.minRestartDelay, self._restartPolicy(tries))
+        if failure.check(ClusterStopped):
+            return
+        _log.error(
+            "recycling worker {workerId} failed: {why}; trying again in {delay}",
+            workerId=process.workerId,
+            why=failure.getErrorMessage(),
+            delay=seconds(delay),
+        )
+        self._clock.callLater(delay, self._retryRecycle, process)
+
+    def _retryRecycle(self, process: WorkerProcess) -> None:
+        if process.phase is Phase.DEAD:
+            self._recycleTries.pop(process, None)
+            return
+        self.limitReached(process)
 
     # Reloading -----------------------------------------------------------------
 
@@ -348,7 +368,7 @@ class Supervisor:
         # connections already accepted have gone to them.
         drains: list = []
         for slot in list(self.slots.values()):
-            effects = slot.stop(self.config.gracefulTimeout)
+            effects = slot.stop()
             drains.extend(e for e in effects if isinstance(e, Drain))
             self.run(slot, [e for e in effects if not isinstance(e, Drain)])
         self.handles.stopAccepting()
@@ -366,6 +386,9 @@ class Supervisor:
         remaining = max(0.0, deadline - self._clock.seconds())
         for drain in drains:
             self.processes.drain(drain.process, drain.reason, remaining)
+        # And those no slot holds any more: leaving on their own, or
+        # draining after a reload or a scale-down (whose own deadline, if
+        # sooner, stands).
         for process in self.processes.sorted():
             self.processes.drain(process, "stop", remaining)
         await defer.DeferredList([observe(p.exited) for p in list(self.processes.processes)])

@@ -20,7 +20,6 @@ exits 0 once the application's triggers are done.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -44,6 +43,7 @@ from txcluster._commands import (
     Ready,
     ToMaster,
     WorkerLeaving,
+    encodeMessage,
 )
 from txcluster._deferreds import observe
 from txcluster._ports import AdoptedPort, ConnectionTracker, DispatchedPort, trackingFactory
@@ -466,20 +466,6 @@ def exitSoon(seconds: float, code: int = 1) -> None:
     timer = threading.Timer(seconds, os._exit, (code,))
     timer.daemon = True
     timer.start()
-
-
-def encodeMessage(message: Any) -> str:
-    """
-    C{message} as the JSON text of a L{ToMaster} or L{ToWorker}.
-
-    @raise _commands.MessageTooLarge: it is over 65535 bytes.
-    """
-    text = json.dumps(message)
-    if len(text.encode("utf-8")) > 0xFFFF:
-        raise _commands.MessageTooLarge(
-            f"a message is at most 65535 bytes of JSON; this one is {len(text.encode('utf-8'))}"
-        )
-    return text
 
 
 def _osError(description: str) -> OSError:

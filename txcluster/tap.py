@@ -142,9 +142,13 @@ class Options(usage.Options):
         for option, parse in (("listen", parseDeclared), ("allow-listen", parsePattern)):
             for value in self[option]:
                 try:
-                    parse(value)
+                    declared = parse(value)
                 except BadListenDescription as e:
                     raise usage.UsageError(f"--{option} {e}")
+                if option == "listen" and self["max-requests"] and not declared.key.isStream:
+                    from txcluster._policy import MAX_REQUESTS_DATAGRAMS
+
+                    raise usage.UsageError(f"--listen {value}: {MAX_REQUESTS_DATAGRAMS}")
         from txcluster._access import workerIdentity
 
         try:
