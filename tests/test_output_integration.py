@@ -68,9 +68,11 @@ class FloodTests(unittest.TestCase):
         await master.output.ended
         text = master.output.text()
         relayed = len(re.findall(r"flood (line|event) \d+", text))
-        # The master spends a small part of one core on the two floods: it
-        # reads a full pipe every pause, not every write.
-        self.assertLess(share, 0.3, share)
+        # The master spends a part of one core on the two floods (0.07 for
+        # printing, 0.2 for log events, on a quiet 2-CPU machine): it reads
+        # a full pipe every pause, not every write.  Reading every write
+        # took a whole core.
+        self.assertLess(share, 0.6, share)
         self.assertLess(flooding[len(flooding) // 2], quiet[len(quiet) // 2] + 0.02, (quiet, flooding))
         self.assertLess(grown, 10_000)
         self.assertGreater(relayed, 1000)
