@@ -657,6 +657,6 @@ class LogDurationTests(unittest.TestCase, StopTests):
         self.assertRegex(text, r"worker 1 \(pid \d+\) ready in \d+\.\d\d s")
         self.assertRegex(text, r"has not answered a heartbeat for \d+(\.\d)? s: its reactor is blocked")
         self.assertRegex(text, r"backing off for \d(\.\d\d?)? s")
-        self.assertIn("master stopping: 1 workers, graceful timeout 2.5 s", text)
+        self.assertIn("master stopping: 1 worker processes, graceful timeout 2.5 s", text)
         self.assertRegex(text, r"worker 1 \(pid \d+\) disconnecting \(stop\): it has 2\.5 s to finish")
         self.assertRegex(text, r"1 connections still open after \d(\.\d)? s; closing them")

@@ -445,7 +445,7 @@ class WorkerOutputTests(unittest.SynchronousTestCase):
         self.logged: list = []
 
         def observe(event):
-            if event.get("log_namespace") == "txcluster.worker" and event.get("workerId") == 7:
+            if event.get("log_namespace") in ("txcluster.worker", "txcluster.master") and event.get("workerId") == 7:
                 self.logged.append(event)
 
         globalLogPublisher.addObserver(observe)
@@ -734,7 +734,8 @@ class WorkerOutputTests(unittest.SynchronousTestCase):
         self.assertEqual(self.logged, [])
         self.clock.advance(WorkerOutput.noteInterval / 2)
         self.assertEqual(self.lines(), ["worker 7 (pid 4321) wrote more than 10 lines a second: 15 dropped"])
-        self.assertEqual((self.logged[0]["log_level"], self.logged[0]["log_system"]), (LogLevel.warn, self.system))
+        # The master says it, about the worker: not a line the worker wrote.
+        self.assertEqual((self.logged[0]["log_level"], self.logged[0]["log_namespace"]), (LogLevel.warn, "txcluster.master"))
         self.clock.advance(10 * WorkerOutput.noteInterval)
         self.assertEqual(len(self.logged), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])

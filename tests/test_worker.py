@@ -350,11 +350,13 @@ class DrainTests(unittest.SynchronousTestCase):
 
     def test_ownDeadline(self):
         """
-        A tenth of the time given, at most a second, is left for the
-        application's shutdown and the exit.
+        A tenth of the time given, at least half a second and at most a
+        second, is left for the application's shutdown and the exit.
         """
         self.assertEqual(_worker.ownDeadline(30), 29.0)
-        self.assertEqual(_worker.ownDeadline(5), 4.5)
+        self.assertEqual(_worker.ownDeadline(8), 7.2)
+        self.assertEqual(_worker.ownDeadline(2), 1.5)
+        self.assertEqual(_worker.ownDeadline(0.3), 0.0)
         self.assertEqual(_worker.ownDeadline(0), 0.0)
 
     def test_leavingOnItsOwnTellsTheMaster(self):

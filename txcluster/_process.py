@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _log = Logger(namespace="txcluster.worker")
+_masterLog = Logger(namespace="txcluster.master")
 
 #: Lines (log events, stdout and stderr lines together) a worker may write
 #: per second, sustained; the excess is dropped and counted.
@@ -291,14 +292,14 @@ class WorkerOutput(ProcessProtocol):
         if not self._unreported:
             return
         count, self._unreported = self._unreported, 0
-        _log.warn(
+        # The master's own line, about the worker.
+        _masterLog.warn(
             "worker {workerId} (pid {pid}) wrote more than {rate:.0f} lines a second: "
             "{count} dropped",
             workerId=self.workerId,
             pid=self.pid,
             rate=self._rate,
             count=count,
-            log_system=self.system(),
         )
 
     def childConnectionLost(self, childFD: int) -> None:

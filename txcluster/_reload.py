@@ -114,7 +114,11 @@ class RollingReload:
             if self._mark == mark:
                 break
             # Asked for again meanwhile: what started since is stale too.
-        _log.info("reload complete: {count} workers replaced", count=replaced[0])
+        _log.info(
+            "reload complete: {count} {workers} replaced",
+            count=replaced[0],
+            workers="worker" if replaced[0] == 1 else "workers",
+        )
 
     async def _refreshAll(self, stale: list, mark: int, concurrency: int, replaced: list) -> None:
         supervisor = self._supervisor

@@ -356,7 +356,7 @@ class Supervisor:
 
     async def _stop(self) -> None:
         _log.info(
-            "master stopping: {count} workers, graceful timeout {timeout}",
+            "master stopping: {count} worker processes, graceful timeout {timeout}",
             count=len(self.processes.processes),
             timeout=seconds(self.config.gracefulTimeout),
         )

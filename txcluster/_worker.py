@@ -85,10 +85,12 @@ def ownDeadline(timeout: float) -> float:
     """
     How long a worker given C{timeout} seconds to leave waits for its
     connections: long enough to use nearly all of it, short enough to end
-    by itself before the master's kill (a tenth of it, at most a second,
-    is left for the application's shutdown triggers and the exit).
+    by itself before the master's kill: a tenth of it, at least half a
+    second and at most a second, is left for the application's shutdown
+    triggers and the exit (which can take a few tenths of a second with a
+    large application loaded).
     """
-    return max(0.0, timeout - min(1.0, timeout / 10.0))
+    return max(0.0, timeout - min(1.0, max(0.5, timeout / 10.0)))
 
 
 class Worker:

@@ -66,7 +66,7 @@ class Options(usage.Options):
         ["graceful-timeout", None, "30", "Seconds a leaving worker may take to finish its connections and stop its app."],
         ["start-timeout", None, "30", "Seconds a new worker may take to become ready (0: no limit)."],
         ["max-restarts", None, "5", "Give up after more worker failures than this within --restart-window."],
-        ["restart-window", None, "60", "The window, in seconds, in which --max-restarts counts failures."],
+        ["restart-window", None, "60", "The window, in seconds, in which --max-restarts counts failures (0: never give up)."],
         ["worker-timeout", None, "30", "Seconds without a heartbeat before a worker is killed (0: off)."],
         ["reload-concurrency", None, "1", "How many workers a reload (SIGHUP) replaces at once."],
         ["max-requests", None, "0", "Recycle a worker once it was sent this many connections (0: never; rr and least-busy only)."],
@@ -268,8 +268,17 @@ class SignalControl(service.Service):
     def _run(self, action) -> None:
         from twisted.logger import Logger
 
-        d = action()
-        d.addErrback(lambda f: Logger(namespace="txcluster.master").warn("{why}", why=f.getErrorMessage()))
+        from txcluster._lifecycle import ClusterStopped
+
+        log = Logger(namespace="txcluster.master")
+
+        def failed(f):
+            if f.check(ClusterStopped):
+                log.info("signal not acted on: {why}", why=f.getErrorMessage())
+            else:
+                log.warn("{why}", why=f.getErrorMessage())
+
+        action().addErrback(failed)
 
     def stopService(self) -> None:
         super().stopService()
