@@ -359,7 +359,7 @@ class ClusterService(service.Service):
 
     def _sendConnections(self, process, listenId: int, fds: list) -> defer.Deferred:
         d = process.channel.sendConnections(listenId, fds)
-        if process.allowance.exhausted:
+        if process.allowance.limit is not None and process.allowance.exhausted:
             self._supervisor.limitReached(process)
         return d.addCallback(self._taken, process, len(fds))
 

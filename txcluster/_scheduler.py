@@ -324,6 +324,9 @@ class Dispatcher(Generic[Conn]):
             return [], False
         start = self._next % len(members)
         rotated = members[start:] + members[:start]
+        if not any(m.allowance.limit is not None for m in members):
+            # No --max-requests: the common case, and the hot path.
+            return [m for m in rotated if m.taking and len(m.outstanding) < self._window], False
         taking = [m for m in rotated if m.taking]
         allowed = [m for m in taking if not m.allowance.exhausted]
         if allowed:
@@ -353,16 +356,16 @@ class Dispatcher(Generic[Conn]):
         return actions
 
     def _room(self, member: _Member, limited: bool) -> int:
-        room = self._maxBatch
+        if not limited:
+            return self._maxBatch
         remaining = member.allowance.remaining()
-        if limited and remaining is not None:
-            room = min(room, remaining)
-        return room
+        return self._maxBatch if remaining is None else min(self._maxBatch, remaining)
 
     def _roundRobinBatches(self, candidates: list[_Member], limited: bool) -> list:
-        takers = sum(
-            1 for m in self._members.values() if m.taking and not (limited and m.allowance.exhausted)
-        )
+        if limited:
+            takers = sum(1 for m in self._members.values() if m.taking and not m.allowance.exhausted)
+        else:
+            takers = sum(1 for m in self._members.values() if m.taking)
         share = ceil(len(self._pending) / max(1, takers))
         batches = []
         order = list(self._members)
