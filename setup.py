@@ -22,7 +22,11 @@ setup(
         "twisted[tls]>=24.10.0",
         "automat>=24.8.0",
         "zope.interface",
+        # The master's /metrics (--metrics), and the applications' metrics
+        # it collects from the workers.
+        "prometheus_client>=0.16.0",
     ],
+    entry_points={"console_scripts": ["txcluster = txcluster._cli:script"]},
     extras_require={
         "proctitle": ["setproctitle"],
         # autobahn: the WebSocket application of the graceful-stop tests.

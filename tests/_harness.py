@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -252,6 +254,13 @@ class MasterProcess:
             [ROOT] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
         environment.update(env or {})
+        #: The master's control socket (each master its own).
+        self.control = None
+        if not any(a == "--no-control" or a.startswith("--control") for a in args):
+            directory = tempfile.mkdtemp(prefix="txc-control-")
+            testCase.addCleanup(shutil.rmtree, directory, True)
+            self.control = os.path.join(directory, "txcluster.sock")
+            args = ["--control", self.control] + list(args)
         argv = [
             executable,
             "-c",

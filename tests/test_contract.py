@@ -1156,12 +1156,13 @@ class ContractTestsMixin:
 
     def test_ping(self) -> None:
         """
-        A L{Ping} is answered.
+        A L{Ping} is answered with how many connections the worker has
+        open.
         """
         self.readyCluster(1)
         d = self.process(1).channel.callRemote(Ping)
         self.pump()
-        self.assertEqual(self.successResultOf(d), {})
+        self.assertEqual(self.successResultOf(d), {"connections": 0})
 
     def test_heartbeat(self) -> None:
         """

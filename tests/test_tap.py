@@ -38,6 +38,22 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((config.maxRequests, config.maxRequestsJitter), (0, 0))
         self.assertEqual((config.listens, config.allowListen, config.user, config.group), ((), (), None, None))
         self.assertEqual(config.app, app("web.tac"))
+        self.assertEqual((config.drainDelay, config.minReady), (0.0, None))
+        self.assertEqual((options["control"], options["no-control"], options["metrics"]), (None, False, None))
+
+    def test_operationsOptions(self):
+        """
+        --control is made absolute, --metrics kept as the endpoint
+        description, --drain-delay and --min-ready reach the configuration.
+        """
+        options = parse(
+            "--app", app("web.tac"), "-w", "4", "--control", "c.sock", "--metrics", "tcp:9100:interface=127.0.0.1",
+            "--drain-delay", "2.5", "--min-ready", "3",
+        )
+        config = tap.configFromOptions(options)
+        self.assertEqual(options["control"], os.path.abspath("c.sock"))
+        self.assertEqual(options["metrics"], "tcp:9100:interface=127.0.0.1")
+        self.assertEqual((config.drainDelay, config.minReady), (2.5, 3))
 
     def test_values(self):
         """
@@ -83,6 +99,15 @@ class OptionsTests(SynchronousTestCase):
             (["--allow-listen", "tcp:9-1"], "--allow-listen"),
             (["--user", "no-such-user-txcluster"], "--user"),
             (["--group", "no-such-group-txcluster"], "--group"),
+            (["--drain-delay", "-1"], "--drain-delay"),
+            (["--min-ready", "0"], "--min-ready"),
+            (["-w", "2", "--min-ready", "3"], "--min-ready"),
+            (["--control", "/nonexistent-dir/c.sock"], "--control"),
+            (["--control", "/tmp"], "--control"),
+            (["--control", "/tmp/" + "x" * 120], "--control"),
+            (["--control", "/tmp/c.sock", "--no-control"], "--no-control"),
+            (["--metrics", "nonsense:9100"], "--metrics"),
+            (["--metrics", "tcp:port"], "--metrics"),
         ]:
             with self.assertRaises(usage.UsageError) as e:
                 parse("--app", app("web.tac"), *args)
@@ -157,7 +182,26 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(len(clusters), 1)
         self.assertEqual(clusters[0].config.workers, 2)
         self.assertFalse(clusters[0].running)
-        self.assertEqual(len(services), 2)
+        from txcluster._control import ControlServer, defaultControlPath
+
+        [control] = [s for s in services if isinstance(s, ControlServer)]
+        self.assertEqual(control.path, defaultControlPath())
+        self.assertEqual(len(services), 3)
+
+    def test_makeServiceWithoutControlWithMetrics(self):
+        """
+        --no-control leaves the control socket out; --metrics adds the
+        metrics and health endpoint.
+        """
+        from txcluster._control import ControlServer
+        from txcluster._health import MetricsServer
+
+        self.keepSignalHandlers()
+        top = tap.makeService(parse("--app", app("web.tac"), "--no-control", "--metrics", "tcp:0"))
+        services = list(top)
+        self.assertFalse([s for s in services if isinstance(s, ControlServer)])
+        [metrics] = [s for s in services if isinstance(s, MetricsServer)]
+        self.assertEqual(metrics.description, "tcp:0")
 
     def keepSignalHandlers(self):
         """

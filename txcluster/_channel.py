@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from txcluster._commands import (
     Close,
     DescriptorList,
+    FinalMetrics,
     Leaving,
     ListenRefused,
     Listening,
@@ -93,7 +94,8 @@ _REFUSALS = (ListenRefused, UnknownListen)
 
 #: The commands a worker may send (not, say, AMP's own C{StartTLS}).
 _WORKER_COMMANDS = frozenset(
-    c.commandName for c in (Online, QueryServer, Listening, Close, Ready, Leaving, LoadReport, ToMaster)
+    c.commandName
+    for c in (Online, QueryServer, Listening, Close, Ready, Leaving, LoadReport, ToMaster, FinalMetrics)
 )
 
 
@@ -146,6 +148,11 @@ class WorkerRequests(Protocol):
     def message(self, text: str) -> None:
         """
         L{ToMaster}'s JSON text.
+        """
+
+    def finalMetrics(self, text: str) -> None:
+        """
+        L{FinalMetrics}'s text.
         """
 
     def misbehaved(self, what: str) -> None:
@@ -453,6 +460,11 @@ class MasterChannel(amp.AMP):
     @ToMaster.responder
     def toMaster(self, message: str) -> dict:
         self.requests.message(message)
+        return {}
+
+    @FinalMetrics.responder
+    def finalMetrics(self, metrics: str) -> dict:
+        self.requests.finalMetrics(metrics)
         return {}
 
     # Commands to the worker -------------------------------------------------

@@ -8,16 +8,17 @@ commands and user messages are different commands, so a user message can
 never be mistaken for an internal one.
 
 Worker to master: L{Online}, L{QueryServer}, L{Listening}, L{Close},
-L{Ready}, L{Leaving}, L{LoadReport}, L{ToMaster}.
+L{Ready}, L{Leaving}, L{LoadReport}, L{ToMaster}, L{FinalMetrics}.
 
 Master to worker: L{NewConn}, L{Disconnect}, L{Ping}, L{ToWorker},
-L{WorkerCount}.
+L{WorkerCount}, L{CollectMetrics}.
 
 See C{docs/protocol.md} for the prose version.
 """
 
 import json
 import os
+import zlib
 
 from twisted.protocols import amp
 
@@ -29,6 +30,10 @@ CHANNEL_FD = 3
 #: The file descriptor number of the structured log pipe in a worker.
 LOG_FD = 4
 
+#: The file descriptor number of the pipe a worker writes its stacks to
+#: (C{faulthandler}, on C{SIGUSR1}).
+STACKS_FD = 5
+
 #: The shortest time between two L{LoadReport}s from one worker.
 LOAD_REPORT_INTERVAL = 0.01
 
@@ -37,6 +42,7 @@ ENV_WORKER_ID = "TXCLUSTER_WORKER_ID"
 ENV_WORKER_COUNT = "TXCLUSTER_WORKERS"
 ENV_CHANNEL_FD = "TXCLUSTER_CHANNEL_FD"
 ENV_LOG_FD = "TXCLUSTER_LOG_FD"
+ENV_STACKS_FD = "TXCLUSTER_STACKS_FD"
 ENV_REACTOR = "TXCLUSTER_REACTOR"
 ENV_MASTER_PID = "TXCLUSTER_MASTER_PID"
 ENV_GRACEFUL_TIMEOUT = "TXCLUSTER_GRACEFUL_TIMEOUT"
@@ -61,6 +67,37 @@ class DescriptorList(amp.Argument):
         if not inString:
             return []
         return [self._one.fromStringProto(part, proto) for part in inString.split(b",")]
+
+
+class CompressedText(amp.Argument):
+    """
+    Text (an application's metrics) zlib-compressed, in at most
+    L{PIECES} values of 60,000 bytes: under the argument's name, then
+    C{name.1}, C{name.2}.  Decompressed, it is at most L{LIMIT} bytes.
+    """
+
+    PIECE = 60_000
+    PIECES = 3
+    LIMIT = 16 * 1024 * 1024
+
+    def toBox(self, name, strings, objects, proto):
+        data = zlib.compress(objects[name.decode("ascii")].encode("utf-8"), 6)
+        pieces = [data[i : i + self.PIECE] for i in range(0, len(data), self.PIECE)] or [b""]
+        if len(pieces) > self.PIECES:
+            raise MessageTooLarge(f"{len(data)} bytes compressed; at most {self.PIECE * self.PIECES}")
+        strings[name] = pieces[0]
+        for number, piece in enumerate(pieces[1:], 1):
+            strings[b"%s.%d" % (name, number)] = piece
+
+    def fromBox(self, name, strings, objects, proto):
+        data = strings[name]
+        for number in range(1, self.PIECES):
+            data += strings.get(b"%s.%d" % (name, number), b"")
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(data, self.LIMIT)
+        if inflate.unconsumed_tail:
+            raise ValueError(f"more than {self.LIMIT} bytes once decompressed")
+        objects[name.decode("ascii")] = text.decode("utf-8")
 
 
 def closeUnclaimedDescriptors(proto: amp.AMP) -> None:
@@ -239,6 +276,18 @@ class ToMaster(amp.Command):
     response = []
 
 
+class FinalMetrics(amp.Command):
+    """
+    The application's metrics (as L{CollectMetrics} answers), sent once by
+    a leaving worker when its connections are gone, just before it exits:
+    the master keeps them, so that the worker id's counters go on from
+    there in its replacement.
+    """
+
+    arguments = [(b"metrics", CompressedText())]
+    response = []
+
+
 # Master -> worker
 
 
@@ -268,11 +317,12 @@ class Disconnect(amp.Command):
 class Ping(amp.Command):
     """
     Heartbeat.  Answered by the worker's reactor, so a worker whose reactor
-    is blocked does not answer.
+    is blocked does not answer; the answer says how many connections it
+    has open.
     """
 
     arguments = []
-    response = []
+    response = [(b"connections", amp.Integer(optional=True))]
 
 
 class ToWorker(amp.Command):
@@ -282,6 +332,17 @@ class ToWorker(amp.Command):
 
     arguments = [(b"message", amp.Unicode())]
     response = []
+
+
+class CollectMetrics(amp.Command):
+    """
+    The application's metrics: C{prometheus_client}'s default registry in
+    the text format (empty when the application does not use
+    C{prometheus_client}).
+    """
+
+    arguments = []
+    response = [(b"metrics", CompressedText())]
 
 
 class WorkerCount(amp.Command):

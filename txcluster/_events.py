@@ -100,6 +100,17 @@ class WorkerMessage:
     message: Any
 
 
+@frozen
+class ClusterStopping:
+    """
+    The master began to stop (C{SIGTERM}, C{SIGINT}, C{txcluster stop} or
+    C{stopService}): readiness turns false now; the workers drain after
+    C{drainDelay} seconds.
+    """
+
+    drainDelay: float
+
+
 ClusterEvent = (
     WorkerForked,
     WorkerOnline,
@@ -108,4 +119,5 @@ ClusterEvent = (
     WorkerDisconnected,
     WorkerExited,
     WorkerMessage,
+    ClusterStopping,
 )

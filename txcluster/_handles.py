@@ -94,6 +94,8 @@ class HandleTable:
     @param maxPending: stop accepting on a handle while this many accepted
         connections wait for a worker (the kernel's backlog holds the rest);
         resume below half of it.
+    @param adopted: C{(seconds, count)}: C{count} connections were taken
+        by a worker C{seconds} after they were accepted.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class HandleTable:
         maxPending: int = 1024,
         resourcePause: float = 0.5,
         badAnswer: Callable[[Hashable, str], None] = lambda worker, why: None,
+        adopted: Optional[Callable[[float, int], None]] = None,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"unknown scheduling {scheduling!r}")
@@ -117,6 +120,9 @@ class HandleTable:
         self._maxPending = maxPending
         self._resourcePause = resourcePause
         self._badAnswer = badAnswer
+        self._adopted = adopted
+        # When each connection the master holds was accepted.
+        self._acceptedAt: dict[int, float] = {}
         self._byKey: dict[ListenKey, Handle] = {}
         self._byId: dict[int, Handle] = {}
         self._nextId = 1
@@ -258,8 +264,7 @@ class HandleTable:
                 waiting = handle.reader.acceptAll(10_000)
                 self._stopReading(handle)
                 if waiting:
-                    handle.accepted += len(waiting)
-                    self._run(handle, handle.dispatcher.accepted(waiting))
+                    self._accepted(handle, waiting)
             self._closeSocket(handle)
 
     def whenIdle(self) -> defer.Deferred:
@@ -310,6 +315,8 @@ class HandleTable:
 
     def _accepted(self, handle: Handle, fds: list) -> None:
         handle.accepted += len(fds)
+        if self._adopted is not None:
+            self._acceptedAt.update(dict.fromkeys(fds, self._reactor.seconds()))
         self._run(handle, handle.dispatcher.accepted(fds))
 
     def _run(self, handle: Handle, actions: list) -> None:
@@ -356,6 +363,8 @@ class HandleTable:
         )
 
     def _release(self, handle: Handle, release: Release) -> None:
+        if self._adopted is not None:
+            self._timeAdoption(release)
         for fd in release.connections:
             try:
                 os.close(fd)
@@ -368,6 +377,23 @@ class HandleTable:
                 count=len(release.connections),
                 address=handle.describe(),
             )
+
+    def _timeAdoption(self, release: Release) -> None:
+        # Connections accepted together share one time: one report a run.
+        now = self._reactor.seconds()
+        pop = self._acceptedAt.pop
+        last, count = None, 0
+        for fd in release.connections:
+            at = pop(fd, None)
+            if at is None or not release.taken:
+                continue
+            if at != last:
+                if count:
+                    self._adopted(now - last, count)
+                last, count = at, 0
+            count += 1
+        if count:
+            self._adopted(now - last, count)
 
     def _regulate(self, handle: Handle) -> None:
         if handle.dispatcher is None or handle.sock is None or not self._accepting:

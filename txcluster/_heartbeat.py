@@ -34,6 +34,7 @@ class Heartbeat:
         processes: Callable[[], Iterable[WorkerProcess]],
         ping: Callable[[WorkerProcess], Optional[defer.Deferred]],
         hung: Callable[[WorkerProcess, float], None],
+        roundTrip: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         """
         @param timeout: seconds without an answer; 0 disables the heartbeat.
@@ -42,12 +43,14 @@ class Heartbeat:
             (L{None}: the channel is closed, nothing was sent).
         @param hung: called with a process that has not answered and how
             long it has been silent.
+        @param roundTrip: called with each answered ping's round trip.
         """
         self._clock = clock
         self._timeout = timeout
         self._processes = processes
         self._ping = ping
         self._hung = hung
+        self._roundTrip = roundTrip
         self._sentAt: dict[WorkerProcess, float] = {}
         self._call = None
         self.roundTrips: dict[WorkerProcess, float] = {}
@@ -79,6 +82,15 @@ class Heartbeat:
         self._sentAt.pop(process, None)
         self.roundTrips.pop(process, None)
 
+    def noteRoundTrip(self, process: WorkerProcess, seconds: float) -> None:
+        """
+        A ping sent by someone else (a status request) was answered after
+        C{seconds}.
+        """
+        if process.phase is not Phase.DEAD:
+            self.roundTrips[process] = seconds
+            self._roundTrip(seconds)
+
     def _again(self) -> None:
         self._call = None
         self.beat()
@@ -107,7 +119,10 @@ class Heartbeat:
             self._sentAt[process] = now
             answer.addCallbacks(self._answered, lambda f: None, callbackArgs=(process, now))
 
-    def _answered(self, _, process: WorkerProcess, sentAt: float) -> None:
+    def _answered(self, answer, process: WorkerProcess, sentAt: float) -> None:
+        if isinstance(answer, dict) and isinstance(answer.get("connections"), int):
+            process.connections = max(0, answer["connections"])
         if self._sentAt.get(process) == sentAt:
             del self._sentAt[process]
-            self.roundTrips[process] = self._clock.seconds() - sentAt
+            roundTrip = self.roundTrips[process] = self._clock.seconds() - sentAt
+            self._roundTrip(roundTrip)

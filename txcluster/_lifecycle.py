@@ -136,6 +136,8 @@ class WorkerProcess:
     @ivar why: in L{Phase.DRAINING} and L{Phase.LEAVING}, why it leaves; in
         L{Phase.FAILING}, how it failed.
     @ivar allowance: the connections it may take (C{--max-requests}).
+    @ivar connections: how many connections it said it has open (in its
+        last L{NewConn} answer, load report or heartbeat), if it did.
     @ivar exited: fires with the L{Ending} once the process is gone.
     """
 
@@ -148,6 +150,7 @@ class WorkerProcess:
     forkedAt: Optional[float] = None
     readyAt: Optional[float] = None
     handed: int = 0
+    connections: Optional[int] = None
     transport: Any = None
     channel: Any = None
     output: Any = None

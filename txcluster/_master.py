@@ -19,15 +19,19 @@ from attrs import field, frozen, validators
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger, globalLogPublisher
+from twisted.python.failure import Failure
 
 from txcluster._access import ListenPolicy, parseDeclared, parsePattern, workerIdentity
 from txcluster._handles import SCHEDULING, SHARED, HandleStatistics, HandleTable
-from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed
+from txcluster._deferreds import observe
+from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed, seconds
+from txcluster._metrics import ClusterRecorder, WorkerMetricsStore
 from txcluster._listens import ListenBroker
 from txcluster._policy import MAX_REQUESTS_DATAGRAMS, MAX_REQUESTS_SHARED, restartDelay
 from txcluster._process import spawnWorker
 from txcluster._processes import CHANNEL_LOST_GRACE, STACK_DUMP_GRACE, ProcessTable
 from txcluster._scheduler import DEFAULT_WINDOW
+from txcluster._status import ClusterStatistics, ClusterStatus, WorkerStatistics
 from txcluster._supervisor import Supervisor, _firstFailure
 
 __all__ = [
@@ -89,6 +93,11 @@ class ClusterConfig:
         the master's.
     @ivar group: the workers' group (a name or a gid); L{None}: the user's
         primary group (or the master's).
+    @ivar drainDelay: seconds between the start of a stop (readiness turns
+        false) and the workers' drain; the master accepts and dispatches
+        meanwhile, so that a load balancer takes it out of rotation first.
+    @ivar minReady: how many ready workers make the cluster ready
+        (L{None}: all of C{workers}).
     """
 
     app: str
@@ -110,6 +119,8 @@ class ClusterConfig:
     allowListen: tuple = field(default=(), converter=tuple, validator=_each(parsePattern))
     user: Optional[str] = None
     group: Optional[str] = None
+    drainDelay: float = field(default=0.0, converter=float, validator=_positive)
+    minReady: Optional[int] = field(default=None, validator=validators.optional(validators.ge(1)))
 
     def __attrs_post_init__(self) -> None:
         if self.maxRequests and self.scheduling == SHARED:
@@ -118,43 +129,6 @@ class ClusterConfig:
             for description in self.listens:
                 if not parseDeclared(description).key.isStream:
                     raise ValueError(f"--listen {description}: {MAX_REQUESTS_DATAGRAMS}")
-
-
-@frozen
-class WorkerStatistics:
-    """
-    One worker process (or a worker id waiting to be respawned) as the
-    master sees it.
-
-    @ivar state: C{starting}, C{online}, C{ready}, C{draining} (asked to
-        leave), C{leaving} (leaving on its own), C{failing} (being killed)
-        or C{waiting} (backing off before a respawn).
-    @ivar uptime: seconds since it was spawned.
-    @ivar restarts: how many times this worker id was respawned.
-    @ivar handed: connections it took.
-    @ivar listens: the addresses it listens on.
-    """
-
-    workerId: int
-    pid: Optional[int]
-    state: str
-    uptime: float
-    restarts: int
-    handed: int
-    listens: tuple
-
-
-@frozen
-class ClusterStatistics:
-    """
-    A snapshot of the cluster.
-    """
-
-    workers: tuple
-    listeners: tuple
-    pending: int
-    dropped: int
-    failures: int
 
 
 def raiseFileLimit() -> None:
@@ -217,7 +191,17 @@ class ClusterService(service.Service):
         self._processes: Optional[ProcessTable] = None
         self._uid: Optional[int] = None
         self._gid: Optional[int] = None
+        #: When it started (the reactor's time), once it has.
+        self.startedAt: Optional[float] = None
+        self._stopped: Optional[defer.Deferred] = None
+        self._drainCall = None
+        self._stopWaiters: list[defer.Deferred] = []
+        self._status: Optional[ClusterStatus] = None
         self.exitCode = 0
+        #: txcluster's own metrics, counted as things happen.
+        self.recorder = ClusterRecorder()
+        #: The applications' metrics, as the workers last reported them.
+        self.appMetrics = WorkerMetricsStore()
 
     @property
     def reactor(self):
@@ -258,7 +242,10 @@ class ClusterService(service.Service):
             self._sendConnections,
             window=self._handoffWindow,
             badAnswer=lambda process, why: self._processes.misbehaved(process, why),
+            adopted=self.recorder.handoffLatency,
         )
+        supervisor.restarted = self.recorder.restarted
+        supervisor.roundTrip = self.recorder.heartbeat
         for d in declared:
             try:
                 handle = table.declare(d.key, d.backlog, d.mode)
@@ -286,6 +273,7 @@ class ClusterService(service.Service):
             gid,
         )
         supervisor.attach(self._processes, table)
+        self._status = ClusterStatus(self, supervisor, self._processes, table)
         self._table = table
         self._supervisor = supervisor
         self._uid, self._gid = uid, gid
@@ -293,6 +281,7 @@ class ClusterService(service.Service):
     def startService(self) -> None:
         self._prepare()
         super().startService()
+        self.startedAt = self.reactor.seconds()
         if self._uid is not None or self._gid is not None:
             _log.info("workers run as uid {uid}, gid {gid}", uid=self._uid, gid=self._gid)
         _log.info(
@@ -313,9 +302,56 @@ class ClusterService(service.Service):
         @return: a Deferred that fires once every worker process is gone.
         """
         super().stopService()
+        if self._stopped is not None:
+            return observe(self._stopped)
         if self._supervisor is None:
-            return defer.succeed(None)
-        return self._supervisor.stop()
+            self._stopped = defer.succeed(None)
+            return observe(self._stopped)
+        from txcluster._events import ClusterStopping
+
+        delay = self.config.drainDelay
+        self._emit(ClusterStopping(delay))
+        if delay > 0:
+            _log.info(
+                "stopping: not ready any more; taking connections for {delay} more (--drain-delay) before the workers drain",
+                delay=seconds(delay),
+            )
+            waited = defer.Deferred()
+            self._drainCall = self.reactor.callLater(delay, waited.callback, None)
+            self._stopped = waited.addCallback(lambda _: self._supervisor.stop())
+        else:
+            self._stopped = self._supervisor.stop()
+        waiters, self._stopWaiters = self._stopWaiters, []
+        for waiter in waiters:
+            observe(self._stopped).addBoth(lambda _, waiter=waiter: waiter.callback(None))
+        return observe(self._stopped)
+
+    def stopNow(self) -> None:
+        """
+        Cut a stop's C{drainDelay} short: the workers drain now.
+        """
+        if self._drainCall is not None and self._drainCall.active():
+            _log.info("draining the workers now, before the end of --drain-delay")
+            self._drainCall.reset(0)
+
+    @property
+    def stopping(self) -> bool:
+        """
+        Whether a stop has begun (from then on the cluster is not ready).
+        """
+        return self._stopped is not None
+
+    def whenStopped(self) -> defer.Deferred:
+        """
+        A Deferred that fires once the cluster has stopped: every worker is
+        gone.  It waits for a stop that has not begun yet, too.
+        """
+        d = defer.Deferred()
+        if self._stopped is not None:
+            observe(self._stopped).addBoth(lambda _: d.callback(None))
+        else:
+            self._stopWaiters.append(d)
+        return d
 
     def _giveUp(self, code: int) -> None:
         self.exitCode = code
@@ -368,6 +404,8 @@ class ClusterService(service.Service):
             self._processes.misbehaved(process, f"said it took {accepted} of {sent} connections")
             accepted = sent
         process.handed += accepted
+        if accepted:
+            self.recorder.handed(process.workerId, accepted)
         return accepted
 
     # The public API ----------------------------------------------------------
@@ -376,41 +414,83 @@ class ClusterService(service.Service):
         """
         A snapshot: every worker, every listener, the queue and counters.
         """
-        if self._supervisor is None:
+        if self._status is None:
             return ClusterStatistics((), (), 0, 0, 0)
-        now = self.reactor.seconds()
-        supervisor = self._supervisor
-        workers = []
-        for process in self._processes.sorted():
-            slot = supervisor.slots.get(process.workerId)
-            workers.append(
-                WorkerStatistics(
-                    workerId=process.workerId,
-                    pid=process.pid,
-                    state=process.phase.value,
-                    uptime=now - process.forkedAt,
-                    restarts=0 if slot is None else slot.core.restarts,
-                    handed=process.handed,
-                    listens=self._processes.broker.listensOf(process),
-                )
-            )
-        for slot in supervisor.slots.values():
-            if slot.view().state == "respawning":
-                workers.append(WorkerStatistics(slot.workerId, None, "waiting", 0.0, slot.core.restarts, 0, ()))
-        listeners: tuple[HandleStatistics, ...] = self._table.statistics()
-        return ClusterStatistics(
-            workers=tuple(sorted(workers, key=lambda w: w.workerId)),
-            listeners=listeners,
-            pending=sum(h.dispatch.pending for h in listeners if h.dispatch is not None),
-            dropped=self._table.dropped,
-            failures=supervisor.failures(),
-        )
+        return self._status.statistics()
+
+    def refreshLoad(self, timeout: float) -> defer.Deferred:
+        """
+        Ask every ready worker how many connections it has open; the
+        Deferred fires once all have answered or after C{timeout} seconds.
+        """
+        return defer.succeed(None) if self._status is None else self._status.refreshLoad(timeout)
+
+    def collectMetrics(self, timeout: float) -> defer.Deferred:
+        """
+        Ask every worker process for its application's metrics (into
+        C{appMetrics}); the Deferred fires once all have answered or after
+        C{timeout} seconds (a busy worker's last report is served).
+        """
+        return defer.succeed(None) if self._status is None else self._status.collectMetrics(timeout)
+
+    def readyWorkers(self) -> int:
+        """
+        How many worker ids have a ready process taking connections.
+        """
+        return 0 if self._status is None else self._status.readyWorkers()
+
+    def minReady(self) -> int:
+        """
+        How many ready workers make the cluster ready: C{config.minReady},
+        or every worker it runs.
+        """
+        if self.config.minReady is not None:
+            return self.config.minReady
+        return self.workerCount()
+
+    def isReady(self) -> bool:
+        """
+        Whether the cluster is ready: running, not stopping, with at least
+        L{minReady} ready workers.
+        """
+        return self.running and not self.stopping and self.readyWorkers() >= self.minReady()
 
     def workerCount(self) -> int:
         """
         How many worker ids the master keeps running.
         """
         return self.config.workers if self._supervisor is None else self._supervisor.workerCount()
+
+    def recycle(self, workerId: int) -> defer.Deferred:
+        """
+        Replace worker C{workerId} with a fresh process, gated on the new
+        one's readiness, as a reload does for one worker.
+
+        @return: a Deferred firing with C{(oldPid, newPid)} once the old
+            process has exited, or failing with L{KeyError} (no running
+            worker C{workerId}), L{ReloadFailed} or L{ClusterStopped}.
+        """
+        if self._supervisor is None or not self.running:
+            return defer.fail(ClusterStopped("the cluster is not running"))
+        return self._supervisor.recycle(workerId).addCallback(lambda pair: (pair[0].pid, pair[1].pid))
+
+    def stacks(self, workerId: int) -> defer.Deferred:
+        """
+        The Python stacks of every thread of worker C{workerId}'s current
+        process, without stopping it (a worker whose reactor is blocked
+        answers too).
+
+        @return: a Deferred firing with C{(pid, text)}, or failing with
+            L{KeyError} (no running worker C{workerId}) or
+            L{txcluster._process.StacksUnavailable}.
+        """
+        slot = None if self._supervisor is None else self._supervisor.slots.get(workerId)
+        view = None if slot is None else slot.view()
+        process = None if view is None else view.current
+        if process is None or process.phase is Phase.DEAD:
+            return defer.fail(KeyError(f"no running worker {workerId}"))
+        _log.info("writing the stacks of {worker} for a control client", worker=process.describe())
+        return self._processes.stacks(process).addCallback(lambda text: (process.pid, text))
 
     def sendMessage(self, workerId: int, message: Any) -> defer.Deferred:
         """
@@ -449,7 +529,18 @@ class ClusterService(service.Service):
         """
         if self._supervisor is None or not self.running:
             return defer.fail(ClusterStopped("the cluster is not running"))
-        return self._supervisor.reload()
+        d = self._supervisor.reload()
+
+        def outcome(result):
+            if not isinstance(result, Failure):
+                self.recorder.reloadFinished("succeeded")
+            elif result.check(ClusterStopped):
+                self.recorder.reloadFinished("stopped")
+            else:
+                self.recorder.reloadFinished("failed")
+            return result
+
+        return d.addBoth(outcome)
 
     def scale(self, count: int) -> defer.Deferred:
         """

@@ -19,7 +19,10 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
+
+from attrs import mutable
+from twisted.internet import defer
 
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent
@@ -34,6 +37,7 @@ __all__ = [
     "BatchingUNIXServer",
     "LOG_BURST",
     "LOG_RATE",
+    "StacksUnavailable",
     "WorkerOutput",
     "adoptChannel",
     "reactorModuleName",
@@ -56,6 +60,27 @@ LOG_BURST = 10_000
 #: writes wait, so that a worker writing as fast as it can costs the master
 #: one read of a full pipe per pause instead of a wake-up per write.
 LOG_PAUSE = 0.1
+
+#: How long a stack dump may take to begin once asked for.
+STACKS_TIMEOUT = 3.0
+
+#: A stack dump is over once the worker wrote nothing more for this long.
+STACKS_QUIET = 0.2
+
+
+class StacksUnavailable(Exception):
+    """
+    The worker wrote no stacks when asked (it ended, or C{SIGUSR1} did
+    not reach it).
+    """
+
+
+@mutable
+class _StackCapture:
+    chunks: list
+    waiters: list
+    timer: Any
+
 
 #: The log event keys a relayed event keeps (the others are the worker's
 #: own fields; these are what the logging system reads).
@@ -83,6 +108,7 @@ def workerEnvironment(
     env[_commands.ENV_WORKER_COUNT] = str(workerCount)
     env[_commands.ENV_CHANNEL_FD] = str(_commands.CHANNEL_FD)
     env[_commands.ENV_LOG_FD] = str(_commands.LOG_FD)
+    env[_commands.ENV_STACKS_FD] = str(_commands.STACKS_FD)
     env[_commands.ENV_REACTOR] = reactorModule
     env[_commands.ENV_MASTER_PID] = str(os.getpid())
     env["PYTHONUNBUFFERED"] = "1"
@@ -164,6 +190,7 @@ def spawnWorker(
                     2: "r",
                     _commands.CHANNEL_FD: workerEnd.fileno(),
                     _commands.LOG_FD: "r",
+                    _commands.STACKS_FD: "r",
                 },
             )
         masterEnd.setblocking(False)
@@ -226,6 +253,7 @@ class WorkerOutput(ProcessProtocol):
         self._noteCall = None
         self._paused: dict = {}
         self.dropped = 0
+        self._stacks: Optional[_StackCapture] = None
         self.stderrTail: collections.deque = collections.deque(maxlen=tailLines)
 
     pid: Optional[int] = None
@@ -243,7 +271,60 @@ class WorkerOutput(ProcessProtocol):
             self._clock = reactor
         return self._clock.seconds()
 
+    def captureStacks(self, timeout: float = STACKS_TIMEOUT) -> defer.Deferred:
+        """
+        Take the next stack dump the worker writes (the caller sends it
+        C{SIGUSR1}) instead of logging it.
+
+        @return: a Deferred firing with the dump's text once the worker has
+            written nothing more for L{STACKS_QUIET} seconds, or failing
+            with L{StacksUnavailable} if nothing came within C{timeout}.
+        """
+        d = defer.Deferred()
+        self._now()
+        if self._stacks is None:
+            timer = self._clock.callLater(timeout, self._stacksDone)
+            self._stacks = _StackCapture([], [d], timer)
+        else:
+            self._stacks.waiters.append(d)
+        return d
+
+    def _stacksDone(self) -> None:
+        capture, self._stacks = self._stacks, None
+        if capture is None:
+            return
+        if capture.timer.active():
+            capture.timer.cancel()
+        text = b"".join(capture.chunks).decode("utf-8", "replace")
+        for waiter in capture.waiters:
+            if text:
+                waiter.callback(text)
+            else:
+                waiter.errback(StacksUnavailable("the worker wrote no stacks"))
+
+    def _stackData(self, data: bytes) -> None:
+        capture = self._stacks
+        if capture is None:
+            # A dump nobody asked for (a hung worker's, before its kill): logged.
+            self._relayLines(2, data)
+            return
+        capture.chunks.append(data)
+        if sum(map(len, capture.chunks)) > self.maxLine * 16:
+            self._stacksDone()
+            return
+        # faulthandler writes the whole dump at once: it is over once the
+        # pipe is quiet.
+        capture.timer.cancel()
+        capture.timer = self._clock.callLater(STACKS_QUIET, self._stacksDone)
+
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == _commands.STACKS_FD:
+            self._now()
+            self._stackData(data)
+            return
+        self._relayLines(childFD, data)
+
+    def _relayLines(self, childFD: int, data: bytes) -> None:
         now = self._now()
         if self._budget is None:
             self._budget = CommandBudget(self._rate, self._burst, now)
@@ -391,6 +472,7 @@ class WorkerOutput(ProcessProtocol):
         return event
 
     def processEnded(self, reason: Failure) -> None:
+        self._stacksDone()
         for childFD in list(self._buffers):
             self.childConnectionLost(childFD)
         if self._noteCall is not None and self._noteCall.active():

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from txcluster import _commands, _events
 from txcluster._channel import MasterChannel
-from txcluster._commands import Disconnect, ToWorker, WorkerCount, encodeMessage
+from txcluster._commands import CollectMetrics, Disconnect, ToWorker, WorkerCount, encodeMessage
 from txcluster._lifecycle import (
     SERVING_PHASES,
     Phase,
@@ -34,7 +34,7 @@ from txcluster._lifecycle import (
 )
 from txcluster._listens import ListenBroker
 from txcluster._policy import requestLimit
-from txcluster._process import WorkerOutput
+from txcluster._process import StacksUnavailable, WorkerOutput
 from txcluster._scheduler import Allowance
 
 _log = Logger(namespace="txcluster.master")
@@ -98,10 +98,14 @@ class _Requests:
         self._table.leaving(self._process, why)
 
     def reportLoad(self, connections: int) -> None:
+        self._process.connections = connections
         self._table.broker.table.reportLoad(self._process, connections)
 
     def message(self, text: str) -> None:
         self._table.message(self._process, text)
+
+    def finalMetrics(self, text: str) -> None:
+        self._table.metricsReported(self._process, text)
 
     def misbehaved(self, what: str) -> None:
         self._table.misbehaved(self._process, what)
@@ -143,6 +147,10 @@ class ProcessTable:
         self.processes: set[WorkerProcess] = set()
         #: Whether the master is stopping: then nothing waits for a respawn.
         self.stopping = False
+        #: Called with each process once it has ended.
+        self.gone: list[Callable[[WorkerProcess], None]] = []
+        #: Called with a process and the metrics text it reported.
+        self.metricsReported: Callable[[WorkerProcess, str], None] = lambda process, text: None
 
     @property
     def lastSerial(self) -> int:
@@ -320,6 +328,11 @@ class ProcessTable:
         # The supervisor first: whoever waits on 'exited' may carry on at
         # once (the end of a stop forgets every slot).
         self._observer.processEnded(process)
+        for gone in list(self.gone):
+            try:
+                gone(process)
+            except Exception:
+                _log.failure("bug: a process-end hook failed on {worker}", worker=process.describe())
         process.exited.callback(ending)
 
     # What the master does to a worker ------------------------------------------
@@ -435,6 +448,39 @@ class ProcessTable:
                 self.kill(process)
 
         return kill
+
+    def stacks(self, process: WorkerProcess) -> defer.Deferred:
+        """
+        The current Python stacks of C{process}'s threads: it is sent
+        C{SIGUSR1}, on which C{faulthandler} writes them to the master
+        (from a signal handler, so a blocked reactor does not keep it from
+        answering).
+
+        @return: a Deferred firing with the text, or failing with
+            L{StacksUnavailable}.
+        """
+        if process.phase is Phase.DEAD or process.pid is None:
+            return defer.fail(StacksUnavailable(f"{process.describe()} has exited"))
+        d = process.output.captureStacks()
+        self.kill(process, signalModule.SIGUSR1)
+        return d
+
+    def collectMetrics(self, process: WorkerProcess) -> defer.Deferred:
+        """
+        Ask C{process} for its application's metrics; they go to
+        C{metricsReported}.  The Deferred fires (with nothing) once it
+        answered or could not.
+        """
+        if process.channel.transport is None or process.channel.dropped is not None:
+            return defer.succeed(None)
+
+        def answered(answer):
+            self.metricsReported(process, answer["metrics"])
+
+        def failed(failure):
+            _log.debug("{worker} gave no metrics: {why}", worker=process.describe(), why=failure.getErrorMessage())
+
+        return process.channel.callRemote(CollectMetrics).addCallbacks(answered, failed)
 
     # Messages ----------------------------------------------------------------
 

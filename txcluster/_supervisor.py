@@ -74,6 +74,10 @@ class Supervisor:
         self._recycleTries: dict[WorkerProcess, int] = {}
         self._stopping: Optional[defer.Deferred] = None
         self.gaveUp = False
+        #: Called with a worker id and why, each time one gets a new process.
+        self.restarted: Callable[[int, str], None] = lambda workerId, reason: None
+        #: Called with each heartbeat's round trip.
+        self.roundTrip: Callable[[float], None] = lambda seconds: None
 
     def attach(self, processes: ProcessTable, handles: HandleTable) -> None:
         """
@@ -87,6 +91,7 @@ class Supervisor:
             lambda: self.processes.processes,
             lambda p: p.channel.callRemote(Ping) if p.channel.transport is not None else None,
             processes.hung,
+            lambda seconds: self.roundTrip(seconds),
         )
 
     # SlotHost ------------------------------------------------------------------
@@ -176,7 +181,10 @@ class Supervisor:
     def processLost(self, process: WorkerProcess) -> None:
         slot = self.slotOf(process)
         if slot is not None:
+            restarts = slot.core.restarts
             self.run(slot, slot.processLost(process))
+            if slot.core.restarts > restarts:
+                self.restarted(process.workerId, _restartReason(process))
 
     def processEnded(self, process: WorkerProcess) -> None:
         self.heartbeat.forget(process)
@@ -232,6 +240,32 @@ class Supervisor:
         done.addCallbacks(lambda _: self._recycleTries.pop(process, None), self._recycleFailed, errbackArgs=(process,))
         self.replace(slot, "recycle", done)
 
+    def recycle(self, workerId: int) -> defer.Deferred:
+        """
+        Replace worker C{workerId}'s process through the ready-gated path,
+        as C{--max-requests} does.
+
+        @return: a Deferred firing with C{(old, new)} processes once the
+            old one has exited, or failing with L{KeyError} (no such
+            worker), L{ReloadFailed} (the replacement failed; the old one
+            serves on) or L{ClusterStopped}.
+        """
+        slot = self.slots.get(workerId)
+        view = None if slot is None else slot.view()
+        if view is None or view.current is None or view.current.phase is Phase.DEAD:
+            return defer.fail(KeyError(f"no running worker {workerId}"))
+        if self._stopping is not None:
+            return defer.fail(ClusterStopped("the cluster is stopping"))
+        old = view.current
+        done = defer.Deferred()
+        self.replace(slot, "recycle", done)
+
+        def replaced(_):
+            new = slot.view().current
+            return observe(old.exited).addCallback(lambda _: (old, new))
+
+        return done.addCallback(replaced)
+
     def _recycleFailed(self, failure: Failure, process: WorkerProcess) -> None:
         # The worker serves on, over its limit, and the dispatchers send it
         # nothing while another worker can take connections: try again on
@@ -281,8 +315,11 @@ class Supervisor:
         Replace C{slot}'s ready process, gated on its replacement's
         readiness; C{done} says how it went (see L{Slot.replace}).
         """
+        joined = slot.view().successor is not None
         self.run(slot, slot.replace(reason, done))
         view = slot.view()
+        if view.state == "replacing" and not joined:
+            self.restarted(slot.workerId, reason)
         if view.state == "replacing" and view.successor.pid is not None:
             _log.info(
                 "{reason}: {worker} is replaced by pid {newPid}; it serves until the replacement is ready",
@@ -395,6 +432,18 @@ class Supervisor:
         self.handles.closeAll()
         self.slots.clear()
         _log.info("master stopped: all workers are gone")
+
+
+def _restartReason(process: WorkerProcess) -> str:
+    """
+    Why C{process}'s worker id is getting a new process, for the metrics:
+    C{hung}, C{failure} or C{left} (it ended, or left, on its own).
+    """
+    ending = process.ending
+    failed = ending.failure is not None if ending is not None else process.phase is Phase.FAILING
+    if failed:
+        return "hung" if "heartbeat" in (process.why or "") else "failure"
+    return "left"
 
 
 def _fire(waiters, result) -> None:

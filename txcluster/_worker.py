@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
+import zlib
 from typing import Any, Callable, Optional
 
 from twisted.internet import address, defer, error
@@ -34,6 +36,8 @@ from txcluster import _commands
 from txcluster._commands import (
     BindFailed,
     Close,
+    CompressedText,
+    FinalMetrics,
     Leaving,
     Listening,
     ListenRefused,
@@ -62,6 +66,9 @@ __all__ = [
 
 #: How long a worker whose master died may take to stop before it exits hard.
 ORPHAN_EXIT_SECONDS = 1.5
+
+#: How long a leaving worker waits for the master to take its last metrics.
+FINAL_METRICS_TIMEOUT = 1.0
 
 _log = Logger(namespace="txcluster.worker")
 
@@ -130,6 +137,7 @@ class Worker:
         self._portIndex: dict[int, tuple] = {}
         self._observers: list[Callable[[Any], None]] = []
         self._reportLoad = False
+        self._metricsTooLarge = False
         self._reportScheduled = False
         self._drained: Optional[defer.Deferred] = None
         self._stopping = False
@@ -414,14 +422,52 @@ class Worker:
         """
         The reactor is stopping: a C{before shutdown} trigger (beside the
         application's C{stopService}) that leaves the cluster if the worker
-        was not leaving yet (the application stopped the reactor) and
-        waits for the connections.
+        was not leaving yet (the application stopped the reactor), waits
+        for the connections, then sends the master its last metrics.
         """
         if self._drained is None:
             self._stopping = True
             why = None if self.leaveRequested else "the application stopped the reactor"
             self.disconnect(self.gracefulTimeout, why)
-        return observe(self._drained)
+        return observe(self._drained).addCallback(lambda _: self._sendFinalMetrics())
+
+    def metricsText(self) -> str:
+        """
+        The application's metrics: C{prometheus_client}'s default registry
+        in the text format, or C{""} if the application does not use
+        C{prometheus_client} (it is not imported here for it).
+        """
+        if "prometheus_client" not in sys.modules:
+            return ""
+        try:
+            from prometheus_client import REGISTRY, generate_latest
+
+            text = generate_latest(REGISTRY).decode("utf-8")
+        except Exception:
+            _log.failure("worker {workerId} (pid {pid}) could not render its metrics", workerId=self.id, pid=self.pid)
+            return ""
+        if len(zlib.compress(text.encode("utf-8"), 6)) > CompressedText.PIECE * CompressedText.PIECES:
+            if not self._metricsTooLarge:
+                self._metricsTooLarge = True
+                _log.warn(
+                    "worker {workerId} (pid {pid}): the application's metrics are too large to report "
+                    "({size} bytes); the master gets none from this worker",
+                    workerId=self.id,
+                    pid=self.pid,
+                    size=len(text),
+                )
+            return ""
+        return text
+
+    def _sendFinalMetrics(self) -> Optional[defer.Deferred]:
+        if "prometheus_client" not in sys.modules or self.channel is None or self.channel.transport is None:
+            return None
+        sent = self.channel.callRemote(FinalMetrics, metrics=self.metricsText())
+        # The master answers at once; a master that does not cannot hold
+        # up the exit.
+        timer = self.reactor.callLater(FINAL_METRICS_TIMEOUT, sent.cancel)
+        sent.addBoth(lambda _: timer.active() and timer.cancel())
+        return sent
 
     def _deliver(self, message: Any) -> None:
         for observer in list(self._observers):

@@ -27,6 +27,7 @@ from txcluster._commands import (
     Disconnect,
     NewConn,
     Ping,
+    CollectMetrics,
     ToWorker,
     WorkerCount,
     closeUnclaimedDescriptors,
@@ -249,9 +250,13 @@ class WorkerChannel(amp.AMP):
         self._worker.reactor.callLater(0, self._worker.disconnect, timeout)
         return {}
 
+    @CollectMetrics.responder
+    def collectMetrics(self) -> dict:
+        return {"metrics": self._worker.metricsText()}
+
     @Ping.responder
     def ping(self) -> dict:
-        return {}
+        return {"connections": self._worker.openConnections}
 
     @ToWorker.responder
     def toWorker(self, message: str) -> dict:

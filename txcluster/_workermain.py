@@ -139,8 +139,16 @@ def main(argv=None, environ=None) -> None:
     log = Logger(namespace="txcluster.worker")
 
     # The master sends SIGUSR1 to a worker whose reactor stopped answering:
-    # the stack goes to stderr, which the master logs, before the kill.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # the stack goes to the master, which logs it, before the kill.
+    # The same signal is how an operator's "txcluster stacks" asks.
+    stacksFD = environ.get(_commands.ENV_STACKS_FD)
+    stacksFile = sys.stderr
+    if stacksFD:
+        try:
+            stacksFile = os.fdopen(int(stacksFD), "w")
+        except (OSError, ValueError):
+            pass
+    faulthandler.register(signal.SIGUSR1, file=stacksFile, all_threads=True)
     setProcessTitle(f"txcluster worker {workerId} [{os.path.basename(appPath)}]")
     gracefulTimeout = float(environ.get(_commands.ENV_GRACEFUL_TIMEOUT, "30"))
     worker = _worker.Worker(

@@ -73,6 +73,14 @@ class Options(usage.Options):
         ["max-requests-jitter", None, "0", "Add a random 0..N to --max-requests per worker."],
         ["user", "u", None, "Run the workers as this user (name or uid) [default: the master's]."],
         ["group", "g", None, "Run the workers with this group (name or gid) [default: the user's]."],
+        ["control", None, None, "The control socket the txcluster command talks to [default: $RUNTIME_DIRECTORY/txcluster.sock under systemd, else ./txcluster.sock]."],
+        ["metrics", None, None, "Serve /metrics, /healthz and /readyz on this endpoint (strports: tcp:9100:interface=127.0.0.1) [default: off]."],
+        ["min-ready", None, None, "Ready workers the cluster needs to be ready (/readyz) [default: --workers]."],
+        ["drain-delay", None, "0", "On a stop, seconds between /readyz turning 503 and the workers draining; the master keeps taking connections meanwhile."],
+    ]
+
+    optFlags = [
+        ["no-control", None, "Serve no control socket."],
     ]
 
     def __init__(self) -> None:
@@ -117,6 +125,7 @@ class Options(usage.Options):
         "reload-concurrency": _positiveInt,
         "max-requests": _count,
         "max-requests-jitter": _count,
+        "drain-delay": _seconds,
     }
 
     def postOptions(self) -> None:
@@ -127,6 +136,21 @@ class Options(usage.Options):
                 self[name] = coerce(self[name])
             except ValueError as e:
                 raise usage.UsageError(f"--{name} {e}")
+        if self["min-ready"] is not None:
+            try:
+                self["min-ready"] = _positiveInt(self["min-ready"])
+            except ValueError as e:
+                raise usage.UsageError(f"--min-ready {e}")
+            if self["min-ready"] > self["workers"]:
+                raise usage.UsageError(
+                    f"--min-ready {self['min-ready']} is more than --workers {self['workers']}: the cluster could never be ready"
+                )
+        if self["no-control"] and self["control"] is not None:
+            raise usage.UsageError("--control and --no-control contradict each other")
+        if self["control"] is not None:
+            self["control"] = checkControlPath(self["control"])
+        if self["metrics"] is not None:
+            self["metrics"] = checkEndpoint(self["metrics"])
         if self["scheduling"] not in SCHEDULING_CHOICES:
             raise usage.UsageError(
                 f"--scheduling must be one of {', '.join(SCHEDULING_CHOICES)}, "
@@ -175,6 +199,43 @@ def checkApp(path) -> str:
     return absolute
 
 
+def checkControlPath(path: str) -> str:
+    """
+    The absolute path of the control socket, in a directory that exists.
+
+    @raise usage.UsageError: naming C{--control} and what is wrong.
+    """
+    absolute = os.path.abspath(path)
+    directory = os.path.dirname(absolute)
+    if not os.path.isdir(directory):
+        raise usage.UsageError(f"--control {path!r}: no such directory {directory!r}")
+    if os.path.isdir(absolute):
+        raise usage.UsageError(f"--control {path!r}: is a directory")
+    if len(os.fsencode(absolute)) > 107:
+        raise usage.UsageError(f"--control {path!r}: a UNIX socket path is at most 107 bytes long")
+    return absolute
+
+
+def checkEndpoint(description: str) -> str:
+    """
+    A server endpoint description that parses (C{tcp:9100}).
+
+    @raise usage.UsageError: naming C{--metrics} and what is wrong.
+    """
+    from twisted.internet import endpoints
+
+    class _Checker:
+        # serverFromString only parses with this; nothing listens.
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    try:
+        endpoints.serverFromString(_Checker(), description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"--metrics {description!r}: not an endpoint description ({e})")
+    return description
+
+
 def configFromOptions(options: Options):
     from txcluster._master import ClusterConfig
 
@@ -194,6 +255,8 @@ def configFromOptions(options: Options):
         allowListen=options["allow-listen"],
         user=options["user"],
         group=options["group"],
+        drainDelay=options["drain-delay"],
+        minReady=options["min-ready"],
     )
 
 
@@ -258,12 +321,21 @@ class SignalControl(service.Service):
         log = Logger(namespace="txcluster.master")
         if self._stopRequested:
             log.info("{signal}: already stopping; waiting for the workers to finish", signal=name)
+            self._cluster.stopNow()
         else:
             self._stopRequested = True
             log.info("{signal}: stopping gracefully", signal=name)
             if reactor.running:
                 reactor.stop()
         return defer.succeed(None)
+
+    def stopFromControl(self) -> None:
+        """
+        What the control socket's C{stop} does: as C{SIGTERM}.
+        """
+        from twisted.internet import reactor
+
+        self._stop(reactor, "txcluster stop")
 
     def _run(self, action) -> None:
         from twisted.logger import Logger
@@ -328,7 +400,16 @@ def makeService(options: Options) -> service.IService:
     cluster = ClusterService(configFromOptions(options))
     top = _Master(options["app"])
     cluster.setServiceParent(top)
-    control = SignalControl(cluster)
-    control.setServiceParent(top)
-    control.keepEarlySignals()
+    signals = SignalControl(cluster)
+    signals.setServiceParent(top)
+    signals.keepEarlySignals()
+    if not options["no-control"]:
+        from txcluster._control import ControlServer, defaultControlPath
+
+        path = options["control"] or defaultControlPath()
+        ControlServer(cluster, path, stopMaster=signals.stopFromControl).setServiceParent(top)
+    if options["metrics"] is not None:
+        from txcluster._health import MetricsServer
+
+        MetricsServer(cluster, options["metrics"]).setServiceParent(top)
     return top

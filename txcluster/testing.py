@@ -72,6 +72,7 @@ from zope.interface import implementer
 from txcluster._commands import (
     LOAD_REPORT_INTERVAL,
     Close,
+    CollectMetrics,
     Disconnect,
     Leaving,
     Listening,
@@ -521,6 +522,10 @@ class _WorkerPeer(amp.AMP):
     def workerCount(self, count: int):
         return self._worker._received(WorkerCount, {"count": count})
 
+    @CollectMetrics.responder
+    def collectMetrics(self):
+        return self._worker._received(CollectMetrics, {})
+
 
 class FakeWorker:
     """
@@ -552,6 +557,7 @@ class FakeWorker:
         L{closeDescriptors}, so do not close them yourself.
     @ivar takingConnections: whether L{NewConn} is answered by taking the
         connections (L{True}) or refusing them.
+    @ivar metrics: L{CollectMetrics}'s answer (Prometheus text format).
     @ivar holding: the command classes left for the test to answer.
     @ivar listens: the listen ids it listens on.
     @ivar disconnecting: whether it is leaving.
@@ -582,6 +588,7 @@ class FakeWorker:
         self.messages: list = []
         self.connections: list[int] = []
         self.takingConnections = True
+        self.metrics = ""
         self.holding: set = set()
         self.channelLostReason: Optional[Failure] = None
         self.listens: set[int] = set()
@@ -922,6 +929,10 @@ class FakeWorker:
         if command is Disconnect:
             # As a real worker: answered at once, acted on at the next turn.
             self._callLater(0, self._leave)
+        if command is CollectMetrics:
+            return {"metrics": self.metrics}
+        if command is Ping:
+            return {"connections": len(self.connections)}
         if command is NewConn:
             fds = arguments["fds"]
             before = len(self.connections)
