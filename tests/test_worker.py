@@ -415,6 +415,77 @@ class DrainTests(unittest.SynchronousTestCase):
         self.assertIsNone(worker.channel)
 
 
+class MetricsTests(unittest.SynchronousTestCase):
+    def test_lastMetricsOnceDrained(self):
+        """
+        A leaving worker whose application uses prometheus_client sends the
+        master its last metrics (FinalMetrics) once its connections are
+        gone; the shutdown waits for the master's answer.
+        """
+        import prometheus_client
+
+        worker = leavingWorker()
+        answer = defer.Deferred()
+        calls = worker.channel.calls
+        worker.channel.callRemote = lambda command, **kw: (calls.append((command, kw)), answer)[1]
+        c = _Connection()
+        worker.tracker.track(c)
+        d = worker.beforeShutdown()
+        self.assertEqual(worker.channel.sent(_commands.FinalMetrics), [])
+        c.connectionLost(None)
+        [sent] = worker.channel.sent(_commands.FinalMetrics)
+        self.assertEqual(sent["metrics"], prometheus_client.generate_latest().decode("utf-8"))
+        self.assertNoResult(d)
+        answer.callback({})
+        self.successResultOf(d)
+
+    def test_masterThatDoesNotAnswer(self):
+        """
+        A master that does not take the last metrics within
+        FINAL_METRICS_TIMEOUT does not hold up the exit.
+        """
+        import prometheus_client  # noqa: F401
+
+        worker = leavingWorker()
+        worker.channel.callRemote = lambda command, **kw: defer.Deferred()
+        d = worker.beforeShutdown()
+        self.assertNoResult(d)
+        worker.reactor.advance(_worker.FINAL_METRICS_TIMEOUT)
+        self.successResultOf(d)
+
+    def test_noPrometheusNoMetrics(self):
+        """
+        A worker whose application does not use prometheus_client has no
+        metrics to give and does not import it for that.
+        """
+        import sys
+
+        self.patch(sys, "modules", {k: v for k, v in sys.modules.items() if not k.startswith("prometheus_client")})
+        worker = leavingWorker()
+        self.assertEqual(worker.metricsText(), "")
+        self.successResultOf(worker.beforeShutdown())
+        self.assertEqual(worker.channel.sent(_commands.FinalMetrics), [])
+        self.assertNotIn("prometheus_client", sys.modules)
+
+    def test_metricsTooLarge(self):
+        """
+        Metrics too large for the channel are not sent; the worker says so
+        once.
+        """
+        import prometheus_client  # noqa: F401
+
+        self.patch(_commands.CompressedText, "PIECES", 0)
+        worker = leavingWorker()
+        logged = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.assertEqual(worker.metricsText(), "")
+        self.assertEqual(worker.metricsText(), "")
+        self.assertEqual(len([e for e in logged if "too large to report" in e.get("log_format", "")]), 1)
+
+
 class MessageTests(unittest.SynchronousTestCase):
     def test_encodeLimit(self):
         """

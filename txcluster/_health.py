@@ -35,14 +35,15 @@ class _Leaf(resource.Resource):
 
 class HealthResource(_Leaf):
     """
-    C{/healthz}: 200 while the master runs and at least one worker is
-    ready; 503 otherwise.  The body is a small JSON object with the counts.
+    C{/healthz}: 200 while at least one worker is ready (the master runs,
+    and serves), also during a stop's drain delay; 503 otherwise.  The body is a small JSON object with the counts.
     """
 
     def render_GET(self, request):
         cluster = self._server.cluster
         ready = cluster.readyWorkers()
-        healthy = cluster.running and ready >= 1
+        # A stop's drain delay still serves: healthy while a worker is ready.
+        healthy = ready >= 1
         body = {
             "status": "ok" if healthy else "unhealthy",
             "ready": ready,
