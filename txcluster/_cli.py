@@ -156,6 +156,11 @@ class _Client:
         self.err = err
         self.code = EXIT_OK
         self.sawStopping = False
+        self.interrupted = False
+
+    def _interrupted(self) -> None:
+        # Ctrl-C or SIGTERM: the watch ends there, as asked.
+        self.interrupted = True
 
     async def run(self, reactor) -> None:
         from twisted.internet import defer, endpoints
@@ -187,6 +192,7 @@ class _Client:
             self.fail(EXIT_NO_MASTER, f"txcluster: no master answers on {path}: {_reason(e)}")
             return
         command = self.options.command
+        reactor.addSystemEventTrigger("before", "shutdown", self._interrupted)
         try:
             if command == "status":
                 answer = await protocol.callRemote(Status)
@@ -209,6 +215,8 @@ class _Client:
                 if not self.options.json:
                     print(f"watching the master on {path} (Ctrl-C to stop)", file=self.err)
                 await Protocol.lost
+                if self.interrupted:
+                    return
                 if self.sawStopping:
                     print("the master stopped", file=self.err)
                 else:
@@ -220,7 +228,10 @@ class _Client:
         except amp.UnhandledCommand:
             self.fail(EXIT_FAILED, f"txcluster {command}: this master does not know the command (an older txcluster?)")
         except ConnectionClosed:
-            self.fail(EXIT_NO_MASTER, f"txcluster {command}: the master on {path} closed the connection before it answered")
+            if self.interrupted:
+                self.fail(EXIT_FAILED, f"txcluster {command}: interrupted; the master carries on with it")
+            else:
+                self.fail(EXIT_NO_MASTER, f"txcluster {command}: the master on {path} closed the connection before it answered")
         finally:
             if protocol.transport is not None:
                 protocol.transport.loseConnection()
@@ -275,6 +286,8 @@ def main(argv=None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     try:
         task.react(run)
     except SystemExit as e:
+        if client.interrupted:
+            return client.code
         if e.code not in (0, None):
             return client.code or EXIT_FAILED
     except KeyboardInterrupt:
