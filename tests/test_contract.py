@@ -63,6 +63,7 @@ from txcluster import (
 )
 from txcluster import _worker
 from txcluster._commands import (
+    CollectMetrics,
     ENV_GRACEFUL_TIMEOUT,
     LOAD_REPORT_INTERVAL,
     Disconnect,
@@ -1163,6 +1164,17 @@ class ContractTestsMixin:
         d = self.process(1).channel.callRemote(Ping)
         self.pump()
         self.assertEqual(self.successResultOf(d), {"connections": 0})
+
+    def test_collectMetrics(self) -> None:
+        """
+        L{CollectMetrics} is answered with the application's metrics as
+        text (the fake's C{metrics}; the real worker's default
+        prometheus_client registry, which this test process has).
+        """
+        self.readyCluster(1)
+        d = self.process(1).channel.callRemote(CollectMetrics)
+        self.pump()
+        self.assertIsInstance(self.successResultOf(d)["metrics"], str)
 
     def test_heartbeat(self) -> None:
         """

@@ -309,7 +309,7 @@ class OperationTests(ControlTestsMixin, SynchronousTestCase):
         self.flushAll()
         self.worker(1).exit()
         self.flushAll()
-        self.assertIn("stopped: 1 worker processes gone", results[0]["summary"])
+        self.assertIn("stopped: 1 worker process gone", results[0]["summary"])
 
 
 class WatchTests(ControlTestsMixin, SynchronousTestCase):

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from txcluster._commands import CollectMetrics, Disconnect, FinalMetrics
+from txcluster._commands import CollectMetrics, CompressedText, Disconnect, FinalMetrics
 from txcluster._events import ClusterStopping
 from txcluster._health import COLLECT_WAIT, MetricsServer
 
@@ -226,6 +226,18 @@ class MetricsTests(EndpointTestsMixin, SynchronousTestCase):
         code, _ = self.get("/metrics")
         self.assertEqual(code, 200)
         self.assertLogged(f"worker 1 (pid {self.worker(1).pid}) reported metrics the master cannot use")
+
+    def test_metricsBomb(self):
+        """
+        A worker whose last metrics decompress to more than
+        L{CompressedText.LIMIT} misbehaved: it is logged and killed.
+        """
+        self.readyCluster(1)
+        self.patch(CompressedText, "LIMIT", 100)
+        self.worker(1).callRemote(FinalMetrics, metrics="#" * 1000)
+        self.spawner.flush()
+        self.assertLogged("sent a malformed FinalMetrics")
+        self.assertIn(9, self.worker(1).process.signalNumbers())
 
     def test_handedAndLatency(self):
         """

@@ -163,6 +163,10 @@ def peerCredentials(transport) -> Optional[tuple]:
     return struct.unpack("3i", data)
 
 
+def _count(n: int, one: str, many: Optional[str] = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def _pids(statistics) -> dict:
     return {w.workerId: w.pid for w in statistics.workers if w.state == "ready"}
 
@@ -304,7 +308,7 @@ class ControlProtocol(amp.AMP):
             after = _pids(cluster.statistics())
             lines = [f"  worker {i}: pid {before.get(i)} -> pid {after.get(i)}" for i in sorted(after)]
             took = cluster.reactor.seconds() - started
-            return {"summary": "\n".join([f"reloaded {len(after)} workers in {took:.1f} s"] + lines)}
+            return {"summary": "\n".join([f"reloaded {_count(len(after), 'worker')} in {took:.1f} s"] + lines)}
 
         return cluster.reload().addCallbacks(done, _refusal)
 
@@ -321,7 +325,7 @@ class ControlProtocol(amp.AMP):
             pids = _pids(cluster.statistics())
             took = cluster.reactor.seconds() - started
             running = ", ".join(f"worker {i} (pid {pid})" for i, pid in sorted(pids.items()))
-            return {"summary": f"scaled from {before} to {cluster.workerCount()} workers in {took:.1f} s: {running}"}
+            return {"summary": f"scaled from {before} to {_count(cluster.workerCount(), 'worker')} in {took:.1f} s: {running}"}
 
         return cluster.scale(count).addCallbacks(done, _refusal)
 
@@ -348,7 +352,7 @@ class ControlProtocol(amp.AMP):
 
         def done(_):
             took = cluster.reactor.seconds() - started
-            return {"summary": f"stopped: {count} worker processes gone in {took:.1f} s"}
+            return {"summary": f"stopped: {_count(count, 'worker process', 'worker processes')} gone in {took:.1f} s"}
 
         return stopped.addCallback(done)
 
@@ -508,6 +512,22 @@ class ControlServer(service.Service):
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abortConnection()
+
+
+def liveMasterOn(path: str) -> bool:
+    """
+    Whether a process listens on the UNIX socket at C{path} (nothing is
+    removed).
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def removeStaleSocket(path: str) -> None:

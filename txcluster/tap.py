@@ -149,6 +149,15 @@ class Options(usage.Options):
             raise usage.UsageError("--control and --no-control contradict each other")
         if self["control"] is not None:
             self["control"] = checkControlPath(self["control"])
+        if not self["no-control"]:
+            from txcluster._control import defaultControlPath, liveMasterOn
+
+            path = self["control"] or defaultControlPath()
+            if liveMasterOn(path):
+                raise usage.UsageError(
+                    f"--control {path}: a master is already running with this control socket "
+                    "(stop it, or give this one another --control)"
+                )
         if self["metrics"] is not None:
             self["metrics"] = checkEndpoint(self["metrics"])
         if self["scheduling"] not in SCHEDULING_CHOICES:
