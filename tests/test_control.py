@@ -14,7 +14,7 @@ import signal
 import socket
 import tempfile
 
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.logger import LogLevel
 from twisted.protocols import amp
 from twisted.test import iosim
@@ -388,9 +388,10 @@ class HostileClientTests(ControlTestsMixin, SynchronousTestCase):
         """
         self.patch(_control, "COMMAND_BURST", 10)
         client = self.connect(self.readyCluster(1))
-        for _ in range(30):
-            client.callRemote(Watch)
+        calls = [client.callRemote(Watch) for _ in range(30)]
         self.flushAll()
+        for call in calls:
+            call.addErrback(lambda f: f.trap(ConnectionDone))
         self.assertLogged("sent commands faster than 100 a second; cutting it off", LogLevel.warn)
         self.assertIsNotNone(client.lost)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.error import ConnectionDone
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -234,8 +235,10 @@ class MetricsTests(EndpointTestsMixin, SynchronousTestCase):
         """
         self.readyCluster(1)
         self.patch(CompressedText, "LIMIT", 100)
-        self.worker(1).callRemote(FinalMetrics, metrics="#" * 1000)
+        sent = self.worker(1).callRemote(FinalMetrics, metrics="#" * 1000)
         self.spawner.flush()
+        # The master dropped the channel without answering.
+        self.failureResultOf(sent, ConnectionDone)
         self.assertLogged("sent a malformed FinalMetrics")
         self.assertIn(9, self.worker(1).process.signalNumbers())
 
