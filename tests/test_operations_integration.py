@@ -40,6 +40,7 @@ from tests._harness import (
     socketInodes,
     socketPath,
 )
+from tests.test_lifecycle_integration import observe
 
 _log = Logger(namespace="tests.test_operations_integration")
 
@@ -169,20 +170,6 @@ async def txcluster(testCase, control: str, *args: str, timeout: float = 30.0, *
     result = CommandResult(code, child.text(), child.errors(), time.monotonic() - started)
     _log.info("txcluster {args}: {result!r}", args=" ".join(args), result=result)
     return result
-
-
-def observe(d: defer.Deferred) -> defer.Deferred:
-    """
-    A new Deferred with C{d}'s result, leaving C{d}'s own as it is.
-    """
-    mine = defer.Deferred()
-
-    def both(result):
-        mine.callback(result)
-        return result
-
-    d.addBoth(both)
-    return mine
 
 
 async def ended(master: MasterProcess, timeout: float = 15.0) -> tuple:

@@ -92,7 +92,9 @@ class PrivateChannelTests(unittest.TestCase):
             },
         )
         await master.waitFor(r"worker \d \(pid \d+\) ready", count=2)
-        expected = {("tcp", "127.0.0.1", port), ("udp", "127.0.0.1", udpPort), ("unix", path)}
+        # The application's addresses, and the master's control socket
+        # (for the txcluster command): nothing for the workers' channels.
+        expected = {("tcp", "127.0.0.1", port), ("udp", "127.0.0.1", udpPort), ("unix", path), ("unix", master.control)}
         for generation in ("first", "reloaded"):
             for _ in range(4):
                 await whoami(tcp(port))
@@ -111,9 +113,10 @@ class PrivateChannelTests(unittest.TestCase):
     async def test_onlyTheAppListensRoundRobin(self):
         """
         With round-robin scheduling, the master and its workers listen on
-        exactly the application's TCP, UNIX and UDP addresses: no control
-        socket, in the filesystem, the abstract namespace or the network,
-        before and after a reload; all else are socketpairs.
+        exactly the application's TCP, UNIX and UDP addresses and the
+        master's control socket: no socket for the workers' channels, in
+        the filesystem, the abstract namespace or the network, before and
+        after a reload; all else are socketpairs.
         """
         await self.assertOnlyTheAppListens("rr")
 
@@ -121,6 +124,7 @@ class PrivateChannelTests(unittest.TestCase):
         """
         With shared scheduling (the workers hold the listening sockets too),
         the master and its workers listen on exactly the application's
-        addresses, before and after a reload.
+        addresses (and the master's control socket), before and after a
+        reload.
         """
         await self.assertOnlyTheAppListens("shared")

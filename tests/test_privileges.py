@@ -9,10 +9,12 @@ checkout the user can read; otherwise they are skipped, saying why.
 
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 
 from twisted.trial import unittest
 
@@ -102,6 +104,13 @@ class UnprivilegedUser:
 
     def master(self, testCase, args, env=None, twistdArgs=()):
         environment = dict(env or {}, PYTHONPATH=self.pythonpath)
+        if "--uid" in twistdArgs:
+            # The master binds its control socket once it runs as the user:
+            # in a directory of the user's (as systemd's RuntimeDirectory=).
+            directory = tempfile.mkdtemp(prefix="txc-control-")
+            testCase.addCleanup(shutil.rmtree, directory, True)
+            os.chown(directory, self.entry.pw_uid, self.entry.pw_gid)
+            args = ["--control", os.path.join(directory, "txcluster.sock")] + list(args)
         return MasterProcess(testCase, args, env=environment, twistdArgs=twistdArgs, executable=self.python)
 
 

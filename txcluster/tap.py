@@ -408,10 +408,10 @@ def makeService(options: Options) -> service.IService:
 
     cluster = ClusterService(configFromOptions(options))
     top = _Master(options["app"])
-    cluster.setServiceParent(top)
     signals = SignalControl(cluster)
-    signals.setServiceParent(top)
-    signals.keepEarlySignals()
+    # The control socket and the metrics endpoint start before the cluster
+    # (one that cannot be served fails the start before a worker forks)
+    # and stop once its stop is over.
     if not options["no-control"]:
         from txcluster._control import ControlServer, defaultControlPath
 
@@ -421,4 +421,7 @@ def makeService(options: Options) -> service.IService:
         from txcluster._health import MetricsServer
 
         MetricsServer(cluster, options["metrics"]).setServiceParent(top)
+    cluster.setServiceParent(top)
+    signals.setServiceParent(top)
+    signals.keepEarlySignals()
     return top
