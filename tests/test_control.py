@@ -197,6 +197,26 @@ class OperationTests(ControlTestsMixin, SynchronousTestCase):
         for i in (1, 2):
             self.assertIn(f"worker {i}: pid {old[i]} -> pid {self.worker(i).pid}", summary)
 
+    def test_reloadAborted(self) -> None:
+        """
+        A reload whose replacement fails answers C{FAILED}, naming the
+        replacement worker and how it failed; the old workers serve on.
+        """
+        cluster = self.readyCluster(2)
+        old = self.worker(1)
+        client = self.connect(cluster)
+        results: list = []
+        client.callRemote(Reload).addBoth(results.append)
+        self.flushAll()
+        replacement = self.worker(1)
+        self.assertIsNot(replacement, old)
+        replacement.exit(3)
+        self.flushAll()
+        self.assertTrue(results[0].check(OperationFailed))
+        self.assertIn(f"replacement worker 1 (pid {replacement.pid})", str(results[0].value))
+        self.assertIn("exit code 3", str(results[0].value))
+        self.assertTrue(old.running)
+
     def test_scaleBelowOne(self) -> None:
         """
         L{Scale} to 0 is refused with C{BAD_REQUEST}, naming the count.

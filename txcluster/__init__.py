@@ -13,8 +13,11 @@ Public names (everything else is private):
   - L{ClusterStatistics}, L{WorkerStatistics}: snapshots from
     C{ClusterService.statistics()}.
   - L{WorkerForked}, L{WorkerOnline}, L{WorkerListening}, L{WorkerReady},
-    L{WorkerDisconnected}, L{WorkerExited}, L{WorkerMessage}: lifecycle
-    events for C{ClusterService.addObserver}.
+    L{WorkerDisconnected}, L{WorkerExited}, L{WorkerMessage},
+    L{ClusterStopping}: lifecycle events for C{ClusterService.addObserver}.
+  - L{ControlServer}: the control socket the C{txcluster} command talks to;
+    L{MetricsServer}: C{/metrics}, C{/healthz} and C{/readyz}.  Both
+    serve a L{ClusterService}, beside it in one's own service tree.
   - L{ReloadFailed}, L{ClusterStopped}: why a C{reload()} or C{scale()}
     failed.
   - L{currentWorker}, L{Worker}: in a worker, who it is and how it talks
@@ -43,7 +46,13 @@ Modules:
   - C{_processes}: the master's table of worker processes.
   - C{_heartbeat}: the ping that catches a blocked worker reactor.
   - C{_listens}: the listen broker and its checks.
-  - C{_master}: C{ClusterService}, the façade over all of that.
+  - C{_master}: C{ClusterService}, the façade over all of that;
+    C{_status}: its snapshots and readiness.
+  - C{_control}, C{_controlcommands}, C{_cli}: the control socket, its
+    protocol, and the C{txcluster} command.
+  - C{_metrics}, C{_health}, C{_procstats}: the metrics (txcluster's and
+    the applications'), the HTTP endpoint serving them with the health
+    checks, and what C{/proc} says of a worker.
   - C{_twistedcompat}: every use of a Twisted private, each pinned by a
     test.
   - C{_deferreds}: Deferreds several callers wait on.
@@ -64,6 +73,9 @@ _exports = {
     "ClusterStopped": "txcluster._master",
     "ReloadFailed": "txcluster._master",
     "WorkerStatistics": "txcluster._master",
+    "ClusterStopping": "txcluster._events",
+    "ControlServer": "txcluster._control",
+    "MetricsServer": "txcluster._health",
     "WorkerDisconnected": "txcluster._events",
     "WorkerExited": "txcluster._events",
     "WorkerForked": "txcluster._events",
