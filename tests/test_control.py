@@ -37,7 +37,7 @@ from txcluster._controlcommands import (
     Stop,
     Watch,
 )
-from txcluster._commands import STACKS_FD
+from txcluster._commands import STACKS_FD, Disconnect
 from txcluster._procstats import ProcessUsage, UsageSampler, readUsage
 
 from .test_master import LOCAL, ClusterTestsMixin
@@ -332,6 +332,65 @@ class OperationTests(ControlTestsMixin, SynchronousTestCase):
         self.assertIn("stopped: 1 worker process gone", results[0]["summary"])
 
 
+class StopTwiceTests(ControlTestsMixin, SynchronousTestCase):
+    def test_secondStopDrainsNow(self) -> None:
+        """
+        L{Stop} while the master is stopping already (in its drain delay)
+        does not stop it again: the workers drain at once.
+        """
+        cluster = self.readyCluster(1, drainDelay=30)
+        client = self.connect(cluster)
+        cluster.stopService()
+        results: list = []
+        client.callRemote(Stop).addBoth(results.append)
+        self.flushAll()
+        self.reactor.advance(0)
+        self.flushAll()
+        self.assertEqual(self.stops, [])
+        self.assertTrue(self.worker(1).commands(Disconnect))
+        self.worker(1).exit()
+        self.flushAll()
+        self.assertIn("stopped", results[0]["summary"])
+
+
+class StatusDetailTests(ControlTestsMixin, SynchronousTestCase):
+    def test_lagOfABlockedWorker(self) -> None:
+        """
+        A worker that has not answered its heartbeat shows, as its lag,
+        how long the ping has waited: a blocked worker does not look
+        healthy.
+        """
+        cluster = self.readyCluster(1, workerTimeout=30)
+        self.worker(1).holding.add(_control_ping())
+        self.reactor.advance(10)
+        self.spawner.flush()
+        self.reactor.advance(4)
+        [worker] = cluster.statistics().workers
+        self.assertEqual(worker.lag, 4.0)
+
+    def test_minReadyFollowsScalingDown(self) -> None:
+        """
+        Scaled below C{minReady}, the cluster is ready once every worker
+        it runs is.
+        """
+        cluster = self.readyCluster(3, minReady=3)
+        self.assertTrue(cluster.isReady())
+        cluster.scale(2)
+        self.spawner.flush()
+        self.assertEqual(cluster.minReady(), 2)
+        self.assertTrue(cluster.isReady())
+
+    def test_minReadyAboveWorkers(self) -> None:
+        """
+        A C{minReady} above C{workers} is refused: the cluster could never
+        be ready.
+        """
+        from txcluster import ClusterConfig
+
+        error = self.assertRaises(ValueError, ClusterConfig, app="a.tac", workers=2, minReady=3)
+        self.assertIn("could never be ready", str(error))
+
+
 class WatchTests(ControlTestsMixin, SynchronousTestCase):
     def test_watchSeesEvents(self) -> None:
         """
@@ -428,6 +487,29 @@ class HostileClientTests(ControlTestsMixin, SynchronousTestCase):
 
         failure = self.call(client, Shutdown)
         self.assertTrue(failure.check(amp.UnhandledCommand))
+        self.assertIsNone(client.lost)
+
+    def test_malformedArguments(self) -> None:
+        """
+        A command whose arguments do not parse (a count that is not a
+        number) cuts the client off, naming the command; nothing is done.
+        """
+        cluster = self.readyCluster(1)
+        client = self.connect(cluster)
+        client.transport.write(amp.AmpBox(_command=b"Scale", _ask=b"1", count=b"many").serialize())
+        self.flushAll()
+        self.assertLogged("sent a malformed Scale (ValueError); cutting it off", LogLevel.warn)
+        self.assertEqual(cluster.workerCount(), 1)
+
+    def test_allowedUsersAreTheMastersNow(self) -> None:
+        """
+        Who may connect is decided at each connection: after twistd's
+        C{--uid}, the user the master runs as then.
+        """
+        client = self.connect(self.readyCluster(1))
+        self.patch(_control.os, "getuid", lambda: 54321)
+        self.patch(_control.os, "geteuid", lambda: 54321)
+        self.assertEqual(self.server.allowedUIDs(), frozenset({0, 54321}))
         self.assertIsNone(client.lost)
 
     def test_answerBoxes(self) -> None:

@@ -228,6 +228,32 @@ class MetricsTests(EndpointTestsMixin, SynchronousTestCase):
         self.assertEqual(code, 200)
         self.assertLogged(f"worker 1 (pid {self.worker(1).pid}) reported metrics the master cannot use")
 
+    def test_scaledAwayWorkersAreNotServed(self):
+        """
+        Once a worker id is scaled away and its process is gone, its series
+        are no longer served.
+        """
+        cluster = self.readyCluster(2)
+        self.serve(cluster)
+        self.worker(2).metrics = APP % 4
+        samples = self.samples(self.get("/metrics")[1])
+        self.assertIn(("app_requests_total", (("path", "/"), ("worker", "2"))), samples)
+        cluster.scale(1)
+        self.spawner.flush()
+        self.reactor.advance(0)
+        self.worker(2).exit()
+        samples = self.samples(self.get("/metrics")[1])
+        self.assertNotIn(("app_requests_total", (("path", "/"), ("worker", "2"))), samples)
+        self.assertNotIn(("txcluster_connections_handed_total", (("worker", "2"),)), samples)
+
+    def test_mastersOwnProcess(self):
+        """
+        The master's own memory and CPU are served too.
+        """
+        self.serve(self.readyCluster(1))
+        samples = self.samples(self.get("/metrics")[1])
+        self.assertGreater(samples[("txcluster_master_process_resident_memory_bytes", ())], 1024 * 1024)
+
     def test_metricsBomb(self):
         """
         A worker whose last metrics decompress to more than

@@ -772,8 +772,9 @@ class HealthTests(unittest.TestCase):
         With C{--drain-delay 2}, after SIGTERM to the master C{/readyz}
         answers 503 within 0.5 s, while application requests made during
         the delay are all answered, and C{txcluster status} says the
-        cluster is stopping with both workers still there; the master exits
-        0 once the delay and the drain are over, not before the delay.
+        cluster is stopping with both workers still there; a SIGHUP or
+        SIGTTIN meanwhile is not acted on; the master exits 0 once the
+        delay and the drain are over, not before the delay.
         """
         cluster = await startCluster(self, "--drain-delay", "2", metrics=True)
         self.assertEqual((await fetch(cluster.metricsPort, "/readyz"))[0], 200)
@@ -792,6 +793,10 @@ class HealthTests(unittest.TestCase):
         during = await status(self, cluster)
         self.assertEqual((during["stopping"], during["ready"]), (True, 2), during)
 
+        # A reload or scaling signal meanwhile (the default actions kill or
+        # suspend a process) is logged and not acted on.
+        cluster.master.signal("HUP")
+        cluster.master.signal("TTIN")
         records = []
         while time.monotonic() - sent < 1.6:
             records.append(await get(cluster.port, "/during"))
@@ -803,6 +808,7 @@ class HealthTests(unittest.TestCase):
         self.assertEqual(await ended(cluster.master, 15), (0, None), cluster.text())
         self.assertGreaterEqual(time.monotonic() - sent, 2)
         self.assertIn("--drain-delay", cluster.text())
+        self.assertEqual(cluster.text().count("signal not acted on"), 2, cluster.text())
 
 
 # 11. Hostile control clients ---------------------------------------------------

@@ -472,8 +472,8 @@ class MetricsTests(unittest.SynchronousTestCase):
 
     def test_metricsTooLarge(self):
         """
-        Metrics too large for the channel are not sent; the worker says so
-        once.
+        Metrics too large for the channel are not sent (the master keeps
+        its last report): the worker says so once.
         """
         import prometheus_client  # noqa: F401
 
@@ -484,9 +484,11 @@ class MetricsTests(unittest.SynchronousTestCase):
 
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
-        self.assertEqual(worker.metricsText(), "")
-        self.assertEqual(worker.metricsText(), "")
+        self.assertRaises(_commands.MetricsUnavailable, worker.metricsText)
+        self.assertRaises(_commands.MetricsUnavailable, worker.metricsText)
         self.assertEqual(len([e for e in logged if "too large to report" in e.get("log_format", "")]), 1)
+        self.successResultOf(worker.beforeShutdown())
+        self.assertEqual(worker.channel.sent(_commands.FinalMetrics), [])
 
 
 class MessageTests(unittest.SynchronousTestCase):

@@ -19,6 +19,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 import time
 from typing import Optional, TextIO
@@ -272,6 +273,9 @@ def main(argv=None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
 
     @return: its exit code.
     """
+    if hasattr(signal, "SIGPIPE"):
+        # "txcluster status | head -1": end quietly, as command-line tools do.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         options = parser().parse_args(argv)
     except SystemExit as e:

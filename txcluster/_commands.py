@@ -152,6 +152,13 @@ class WorkerLeaving(Exception):
     """
 
 
+class MetricsUnavailable(Exception):
+    """
+    The worker has no metrics to give now (they could not be rendered, or
+    are too large); the master keeps its last report.
+    """
+
+
 class UnknownListen(Exception):
     """
     The listen id named by the worker is not one of its listens.
@@ -343,6 +350,7 @@ class CollectMetrics(amp.Command):
 
     arguments = []
     response = [(b"metrics", CompressedText())]
+    errors = {MetricsUnavailable: b"METRICS_UNAVAILABLE"}
 
 
 class WorkerCount(amp.Command):

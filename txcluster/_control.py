@@ -21,11 +21,12 @@ import socket
 import stat
 import struct
 import time
+from types import MethodType
 from typing import Any, Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -54,7 +55,7 @@ from txcluster._controlcommands import (
 from txcluster._lifecycle import ClusterStopped, ReloadFailed
 from txcluster._policy import CommandBudget
 from txcluster._process import StacksUnavailable
-from txcluster._twistedcompat import connectionLostQuietly, makeConnectionQuietly, readingValue
+from txcluster._twistedcompat import connectionLostQuietly, makeConnectionQuietly, readingValue, responderFor
 
 _log = Logger(namespace="txcluster.control")
 
@@ -205,7 +206,7 @@ class ControlProtocol(amp.AMP):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.peer = peerCredentials(self.transport)
-        allowed = self._server.allowedUIDs
+        allowed = self._server.allowedUIDs()
         if self.peer is not None and self.peer[1] not in allowed:
             _log.warn(
                 "refused {client}: only root and uid {uid} may use the control socket",
@@ -285,10 +286,28 @@ class ControlProtocol(amp.AMP):
         super().ampBoxReceived(box)
 
     def locateResponder(self, name: bytes):
-        if name not in _COMMAND_NAMES:
+        found = responderFor(self, name) if name in _COMMAND_NAMES else None
+        if found is None:
             # AMP answers an unknown command with an UNHANDLED error.
             return None
-        return super().locateResponder(name)
+        command, responder = found
+        return lambda box: self._respond(command, MethodType(responder, self), box)
+
+    def _respond(self, command, responder, box) -> defer.Deferred:
+        try:
+            arguments = command.parseArguments(box, self)
+        except Exception as e:
+            self.cutOff(f"sent a malformed {command.__name__} ({type(e).__name__})")
+            return defer.Deferred()
+        d = defer.maybeDeferred(responder, **arguments)
+        return d.addCallbacks(command.makeResponse, self._failed, callbackArgs=(self,), errbackArgs=(command,))
+
+    def _failed(self, failure: Failure, command) -> Failure:
+        known = failure.check(*command.allErrors)
+        if known is not None:
+            return Failure(amp.RemoteAmpError(command.allErrors[known], failure.getErrorMessage(), local=failure))
+        _log.failure("the master failed to answer {command} from {client}", failure, command=command.__name__, client=self.describe())
+        return Failure(amp.RemoteAmpError(amp.UNKNOWN_ERROR_CODE, "the master failed; see its log", local=failure))
 
     # Commands ----------------------------------------------------------------
 
@@ -346,9 +365,13 @@ class ControlProtocol(amp.AMP):
         cluster = self._server.cluster
         started = cluster.reactor.seconds()
         count = len([w for w in cluster.statistics().workers if w.pid is not None])
-        _log.info("{client} asked the master to stop", client=self.describe())
         stopped = cluster.whenStopped()
-        self._server.stopMaster()
+        if cluster.stopping:
+            _log.info("{client} asked the master to stop: it is stopping already; draining now", client=self.describe())
+            cluster.stopNow()
+        else:
+            _log.info("{client} asked the master to stop", client=self.describe())
+            self._server.stopMaster()
 
         def done(_):
             took = cluster.reactor.seconds() - started
@@ -453,7 +476,6 @@ class ControlServer(service.Service):
         self._stopMaster = stopMaster
         self.statusWait = statusWait
         self.clients: set[ControlProtocol] = set()
-        self.allowedUIDs = frozenset({0, os.getuid(), os.geteuid()})
         self._port = None
 
     @property
@@ -464,11 +486,23 @@ class ControlServer(service.Service):
             self._reactor = reactor
         return self._reactor
 
+    def allowedUIDs(self) -> frozenset:
+        """
+        Who may use the socket: root and the master's user, as it is now
+        (after twistd's C{--uid}, the user it runs as).
+        """
+        return frozenset({0, os.getuid(), os.geteuid()})
+
     def stopMaster(self) -> None:
         if self._stopMaster is not None:
             self._stopMaster()
+        elif self.cluster.stopping:
+            self.cluster.stopNow()
         elif self.reactor.running:
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:
+                pass
 
     def startService(self) -> None:
         """
@@ -482,7 +516,13 @@ class ControlServer(service.Service):
         try:
             self._port = self.reactor.listenUNIX(self.path, factory, mode=0o600)
         except CannotListenError as e:
-            raise CannotListenError(None, self.path, f"cannot serve the control socket: {e.socketError}") from None
+            hint = ""
+            if getattr(e.socketError, "errno", None) == errno.EACCES:
+                hint = (
+                    f" (the master runs as uid {os.getuid()}: give --control a path in a directory it may "
+                    "write, such as systemd's RuntimeDirectory=, or --no-control)"
+                )
+            raise CannotListenError(None, self.path, f"cannot serve the control socket: {e.socketError}{hint}") from None
         finally:
             os.umask(previous)
         super().startService()

@@ -139,8 +139,12 @@ class MetricsServer(service.Service):
         from txcluster._metrics import makeRegistry
 
         if self.registry is None:
+            from prometheus_client import ProcessCollector
+
             cluster = self.cluster
             self.registry = makeRegistry(cluster.recorder, cluster.appMetrics, cluster.statistics, self.reactor.seconds)
+            # The master's own memory, CPU and descriptors.
+            ProcessCollector(namespace="txcluster_master", registry=self.registry)
         root = resource.Resource()
         root.putChild(b"metrics", MetricsResource(self))
         root.putChild(b"healthz", HealthResource(self))

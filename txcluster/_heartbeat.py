@@ -82,6 +82,19 @@ class Heartbeat:
         self._sentAt.pop(process, None)
         self.roundTrips.pop(process, None)
 
+    def lag(self, process: WorkerProcess, now: float) -> Optional[float]:
+        """
+        How late C{process}'s reactor is: its last round trip, or how long
+        the ping it has not answered yet has waited, if longer.
+        """
+        last = self.roundTrips.get(process)
+        sentAt = self._sentAt.get(process)
+        if sentAt is not None and sentAt != float("inf"):
+            waiting = now - sentAt
+            if last is None or waiting > last:
+                return waiting
+        return last
+
     def noteRoundTrip(self, process: WorkerProcess, seconds: float) -> None:
         """
         A ping sent by someone else (a status request) was answered after

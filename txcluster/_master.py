@@ -123,6 +123,8 @@ class ClusterConfig:
     minReady: Optional[int] = field(default=None, validator=validators.optional(validators.ge(1)))
 
     def __attrs_post_init__(self) -> None:
+        if self.minReady is not None and self.minReady > self.workers:
+            raise ValueError(f"minReady {self.minReady} is more than workers {self.workers}: the cluster could never be ready")
         if self.maxRequests and self.scheduling == SHARED:
             raise ValueError(MAX_REQUESTS_SHARED)
         if self.maxRequests:
@@ -445,7 +447,8 @@ class ClusterService(service.Service):
         or every worker it runs.
         """
         if self.config.minReady is not None:
-            return self.config.minReady
+            # Scaled below it, every worker there is makes it ready.
+            return min(self.config.minReady, self.workerCount())
         return self.workerCount()
 
     def isReady(self) -> bool:

@@ -106,6 +106,7 @@ class ClusterStatus:
         self._table = table
         self._clock = cluster.reactor
         self._usage = UsageSampler(self._clock.seconds)
+        self._refused: set = set()
         processes.gone.append(self._processGone)
         processes.metricsReported = self._metricsReported
 
@@ -113,7 +114,7 @@ class ClusterStatus:
         cluster = self._cluster
         now = self._clock.seconds()
         supervisor = self._supervisor
-        roundTrips = supervisor.heartbeat.roundTrips
+        heartbeat = supervisor.heartbeat
         workers = []
         for process in self._processes.sorted():
             slot = supervisor.slots.get(process.workerId)
@@ -134,7 +135,7 @@ class ClusterStatus:
                     rss=None if usage is None else usage.rss,
                     cpuSeconds=None if usage is None else usage.cpuSeconds,
                     cpuPercent=cpuPercent,
-                    lag=roundTrips.get(process),
+                    lag=heartbeat.lag(process, now),
                 )
             )
         for slot in supervisor.slots.values():
@@ -191,12 +192,27 @@ class ClusterStatus:
         try:
             self._cluster.appMetrics.report(process.workerId, process.serial, text, self._clock.seconds())
         except BadMetrics as e:
-            _log.warn("{worker} reported metrics the master cannot use: {why}", worker=process.describe(), why=str(e)[:200])
+            if process not in self._refused:
+                # Once a process: it would say the same at every scrape.
+                self._refused.add(process)
+                _log.warn(
+                    "{worker} reported metrics the master cannot use ({why}); its last good report is served",
+                    worker=process.describe(),
+                    why=e.reason[:200],
+                )
 
     def _processGone(self, process) -> None:
         self._usage.forget(process)
+        self._refused.discard(process)
         self._cluster.recorder.gone(process.workerId, process.serial)
         self._cluster.appMetrics.gone(process.workerId, process.serial)
+        if process.workerId not in self._supervisor.slots and not any(
+            p.workerId == process.workerId for p in self._processes.processes
+        ):
+            # Scaled away: its series are no longer served (a later
+            # scale-up of the id goes on from where they were).
+            self._cluster.recorder.forget(process.workerId)
+            self._cluster.appMetrics.forget(process.workerId)
 
 
 def _atMost(clock, timeout: float, waits: list) -> defer.Deferred:

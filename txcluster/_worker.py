@@ -38,6 +38,7 @@ from txcluster._commands import (
     Close,
     CompressedText,
     FinalMetrics,
+    MetricsUnavailable,
     Leaving,
     Listening,
     ListenRefused,
@@ -436,6 +437,9 @@ class Worker:
         The application's metrics: C{prometheus_client}'s default registry
         in the text format, or C{""} if the application does not use
         C{prometheus_client} (it is not imported here for it).
+
+        @raise MetricsUnavailable: they could not be rendered, or are too
+            large to send (the master keeps what it had).
         """
         if "prometheus_client" not in sys.modules:
             return ""
@@ -445,7 +449,7 @@ class Worker:
             text = generate_latest(REGISTRY).decode("utf-8")
         except Exception:
             _log.failure("worker {workerId} (pid {pid}) could not render its metrics", workerId=self.id, pid=self.pid)
-            return ""
+            raise MetricsUnavailable("the application's metrics could not be rendered")
         if len(zlib.compress(text.encode("utf-8"), 6)) > CompressedText.PIECE * CompressedText.PIECES:
             if not self._metricsTooLarge:
                 self._metricsTooLarge = True
@@ -456,13 +460,17 @@ class Worker:
                     pid=self.pid,
                     size=len(text),
                 )
-            return ""
+            raise MetricsUnavailable(f"the application's metrics are too large ({len(text)} bytes)")
         return text
 
     def _sendFinalMetrics(self) -> Optional[defer.Deferred]:
         if "prometheus_client" not in sys.modules or self.channel is None or self.channel.transport is None:
             return None
-        sent = self.channel.callRemote(FinalMetrics, metrics=self.metricsText())
+        try:
+            text = self.metricsText()
+        except MetricsUnavailable:
+            return None
+        sent = self.channel.callRemote(FinalMetrics, metrics=text)
         # The master answers at once; a master that does not cannot hold
         # up the exit.
         timer = self.reactor.callLater(FINAL_METRICS_TIMEOUT, sent.cancel)

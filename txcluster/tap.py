@@ -362,11 +362,10 @@ class SignalControl(service.Service):
         action().addErrback(failed)
 
     def stopService(self) -> None:
+        # The handlers stay: a SIGHUP, SIGTTIN or SIGTTOU during the stop
+        # (its drain delay, the workers' drain) is logged and not acted on,
+        # where the default action would kill or suspend the master.
         super().stopService()
-        for signum, previous in self._previous.items():
-            if signum not in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, previous)
-        self._previous.clear()
 
 
 class _Master(service.MultiService):
