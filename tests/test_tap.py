@@ -203,6 +203,27 @@ class ServiceTests(SynchronousTestCase):
         [metrics] = [s for s in services if isinstance(s, MetricsServer)]
         self.assertEqual(metrics.description, "tcp:0")
 
+    def test_theMasterStaysLean(self):
+        """
+        Parsing the options (which checks --control and --metrics) and
+        making the service load neither pyOpenSSL (the master never does
+        TLS) nor prometheus_client (only a scrape needs it).
+        """
+        import subprocess
+        import sys
+
+        code = (
+            "import sys\n"
+            "from txcluster import tap\n"
+            "o = tap.Options()\n"
+            f"o.parseOptions(['--app', {app('web.tac')!r}, '--metrics', 'tcp:0', '--control', 'c.sock'])\n"
+            "tap.makeService(o)\n"
+            "print(sys.modules.get('OpenSSL') is not None, 'prometheus_client' in sys.modules)\n"
+        )
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(tap.__file__))))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.stdout.split(), ["False", "False"], out.stderr)
+
     def keepSignalHandlers(self):
         """
         Put this process's handlers of the master's signals back after the

@@ -30,14 +30,16 @@ from __future__ import annotations
 import math
 import threading
 from bisect import bisect_left, bisect_right
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
 
 from attrs import field, frozen, mutable
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import CollectorRegistry
 from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    # prometheus_client is imported where it is used: a master without
+    # --metrics never needs it.
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
 
 _log = Logger(namespace="txcluster.master")
 
@@ -296,6 +298,8 @@ def _parseExposition(
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             raise _Invalid(f"not UTF-8 ({e})") from None
+    from prometheus_client.parser import text_string_to_metric_families
+
     metrics = []
     count = 0
     try:
@@ -605,6 +609,8 @@ class WorkerMetricsStore:
 
     def _collectFamily(self, family: _Family, shown: Sequence[tuple]) -> Metric:
         served = _SERVED.get(family.kind, family.kind)
+        from prometheus_client.metrics_core import Metric
+
         metric = Metric(family.name, family.documentation, served, family.unit)
         for worker, sources in shown:
             found = [source.get(family.name) for source in sources]
@@ -1016,6 +1022,8 @@ class ClusterCollector:
         The families, in a fixed order.  If the snapshot cannot be taken
         (it is logged), those that need it are left out.
         """
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         stats = self._recorder.statistics()
         try:
             snapshot: Optional[ClusterView] = self._snapshot()
@@ -1131,6 +1139,8 @@ def _byWorker(name: str, documentation: str, workers: Iterable[WorkerView], attr
     A gauge of C{attribute} added up over each worker id's processes that
     know it; a worker id none of whose processes does is left out.
     """
+    from prometheus_client.core import GaugeMetricFamily
+
     totals: dict[int, int] = {}
     for worker in workers:
         value = getattr(worker, attribute)
@@ -1152,6 +1162,8 @@ def makeRegistry(
     A fresh registry serving C{store} and a L{ClusterCollector} of
     C{recorder}: what C{/metrics} serves.  Registering collects nothing.
     """
+    from prometheus_client.registry import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(store)
     registry.register(ClusterCollector(recorder, store, snapshot, now))

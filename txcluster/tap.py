@@ -129,6 +129,9 @@ class Options(usage.Options):
     }
 
     def postOptions(self) -> None:
+        # Checking --control and --metrics imports what loads pyOpenSSL
+        # (AMP, endpoints): keep it out of the master from here on.
+        leaveOutTLS()
         if self["workers"] is None:
             self["workers"] = str(usableCPUs())
         for name, coerce in self._coercions.items():
