@@ -100,6 +100,8 @@ class OptionsTests(SynchronousTestCase):
             (["--user", "no-such-user-txcluster"], "--user"),
             (["--group", "no-such-group-txcluster"], "--group"),
             (["--drain-delay", "-1"], "--drain-delay"),
+            (["--drain-delay", "inf"], "--drain-delay"),
+            (["--graceful-timeout", "inf"], "--graceful-timeout"),
             (["--min-ready", "0"], "--min-ready"),
             (["-w", "2", "--min-ready", "3"], "--min-ready"),
             (["--control", "/nonexistent-dir/c.sock"], "--control"),

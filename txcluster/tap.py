@@ -33,7 +33,7 @@ def _number(kind, minimum, what):
             number = kind(value)
         except (TypeError, ValueError):
             raise ValueError(f"must be {what}, not {value!r}")
-        if number < minimum or number != number:
+        if number < minimum or number != number or number in (float("inf"), float("-inf")):
             raise ValueError(f"must be {what}, not {value!r}")
         return number
 
