@@ -273,9 +273,6 @@ def main(argv=None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
 
     @return: its exit code.
     """
-    if hasattr(signal, "SIGPIPE"):
-        # "txcluster status | head -1": end quietly, as command-line tools do.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         options = parser().parse_args(argv)
     except SystemExit as e:
@@ -303,4 +300,7 @@ def script() -> None:
     """
     The console script's entry point.
     """
+    if hasattr(signal, "SIGPIPE"):
+        # "txcluster status | head -1": end quietly, as command-line tools do.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
