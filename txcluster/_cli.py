@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from typing import Optional, TextIO
@@ -44,6 +45,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_MASTER = 3
 
+#: How long C{status}, C{stacks} and C{watch} wait for the master to answer.
+QUICK_TIMEOUT = 10.0
+
 
 def parser() -> argparse.ArgumentParser:
     from txcluster._control import defaultControlPath
@@ -59,6 +63,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=None,
         help=f"the master's control socket [default: {defaultControlPath()}]",
+    )
+    top.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help=f"give up on a master that does not answer within this long [default: {QUICK_TIMEOUT:g} for status, "
+        "stacks and watch; reload, scale, recycle and stop wait until the work is done]",
     )
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     status = commands.add_parser("status", help="the master and one row per worker process")
@@ -109,7 +121,7 @@ def formatStatus(status: dict) -> str:
         f"workers: {status['ready']}/{status['workerCount']} ready (ready at {status['minReady']})"
         f"{', STOPPING' if status['stopping'] else ''}; "
         f"queue: {status['queue']} connections waiting for a worker; "
-        f"{status['failures']} failures in the restart window"
+        f"{status['failures']} {'failure' if status['failures'] == 1 else 'failures'} in the restart window"
     )
     columns = ["ID", "PID", "STATE", "UPTIME", "RESTARTS", "HANDED", "OPEN", "RSS", "CPU%", "LAG", "LISTENS"]
     rows = [columns]
@@ -158,6 +170,7 @@ class _Client:
         self.code = EXIT_OK
         self.sawStopping = False
         self.interrupted = False
+        self.late: Optional[float] = None
 
     def _interrupted(self) -> None:
         # Ctrl-C or SIGTERM: the watch ends there, as asked.
@@ -186,6 +199,12 @@ class _Client:
                 if not Protocol.lost.called:
                     Protocol.lost.callback(None)
 
+        try:
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                self.fail(EXIT_NO_MASTER, f"txcluster: no master answers on {path}: it is not a socket")
+                return
+        except OSError:
+            pass
         endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=5)
         try:
             protocol = await endpoints.connectProtocol(endpoint, Protocol())
@@ -194,6 +213,18 @@ class _Client:
             return
         command = self.options.command
         reactor.addSystemEventTrigger("before", "shutdown", self._interrupted)
+        timeout = self.options.timeout
+        if timeout is None:
+            timeout = QUICK_TIMEOUT if command in ("status", "stacks", "watch") else 0
+        timer = None
+        if timeout > 0:
+
+            def late():
+                self.late = timeout
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+
+            timer = reactor.callLater(timeout, late)
         try:
             if command == "status":
                 answer = await protocol.callRemote(Status)
@@ -213,6 +244,8 @@ class _Client:
                 print(answer["stacks"].rstrip("\n"), file=self.out)
             elif command == "watch":
                 await protocol.callRemote(Watch)
+                if timer is not None and timer.active():
+                    timer.cancel()
                 if not self.options.json:
                     print(f"watching the master on {path} (Ctrl-C to stop)", file=self.err)
                 await Protocol.lost
@@ -229,11 +262,15 @@ class _Client:
         except amp.UnhandledCommand:
             self.fail(EXIT_FAILED, f"txcluster {command}: this master does not know the command (an older txcluster?)")
         except ConnectionClosed:
-            if self.interrupted:
+            if self.late is not None:
+                self.fail(EXIT_NO_MASTER, f"txcluster {command}: the master on {path} did not answer within {self.late:g} s")
+            elif self.interrupted:
                 self.fail(EXIT_FAILED, f"txcluster {command}: interrupted; the master carries on with it")
             else:
                 self.fail(EXIT_NO_MASTER, f"txcluster {command}: the master on {path} closed the connection before it answered")
         finally:
+            if timer is not None and timer.active():
+                timer.cancel()
             if protocol.transport is not None:
                 protocol.transport.loseConnection()
 

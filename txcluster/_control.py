@@ -325,7 +325,10 @@ class ControlProtocol(amp.AMP):
 
         def done(_):
             after = _pids(cluster.statistics())
-            lines = [f"  worker {i}: pid {before.get(i)} -> pid {after.get(i)}" for i in sorted(after)]
+            lines = [
+                f"  worker {i}: pid {before[i]} -> pid {after[i]}" if i in before else f"  worker {i}: pid {after[i]} (new)"
+                for i in sorted(after)
+            ]
             took = cluster.reactor.seconds() - started
             return {"summary": "\n".join([f"reloaded {_count(len(after), 'worker')} in {took:.1f} s"] + lines)}
 
@@ -338,7 +341,7 @@ class ControlProtocol(amp.AMP):
             return defer.fail(BadRequest(f"a cluster needs at least 1 worker, not {count}"))
         started = cluster.reactor.seconds()
         before = cluster.workerCount()
-        _log.info("{client} asked to scale to {count} workers", client=self.describe(), count=count)
+        _log.info("{client} asked to scale to {workers}", client=self.describe(), workers=_count(count, "worker"))
 
         def done(_):
             pids = _pids(cluster.statistics())

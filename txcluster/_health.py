@@ -176,7 +176,8 @@ class MetricsServer(service.Service):
         d.addCallbacks(self._listening, failures.append)
         if failures:
             error = failures[0].value
-            raise CannotListenError(None, self.description, f"--metrics: {error}") from None
+            reason = getattr(error, "socketError", None) or error
+            raise CannotListenError("--metrics", self.description, reason) from None
 
     def _listening(self, port) -> None:
         self._port = port

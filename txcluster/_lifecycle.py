@@ -521,6 +521,10 @@ def _howLost(process: WorkerProcess) -> str:
     if ending is None:
         return f"left before it was ready ({process.why or 'no reason given'})"
     if ending.failure is not None:
+        tail = getattr(process.output, "stderrTail", None)
+        if tail:
+            # What it said last is most often why (an ImportError).
+            return f"{ending.failure}; its last error line: {tail[-1].strip()[:200]}"
         return ending.failure
     if not ending.spawned:
         return ending.description

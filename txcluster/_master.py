@@ -47,6 +47,11 @@ __all__ = [
 
 _log = Logger(namespace="txcluster.master")
 
+#: The most workers a master runs (C{--workers}, C{scale()}): each costs
+#: the master a few descriptors and a process; a count above this is a
+#: typo, not a plan.
+MAX_WORKERS = 1024
+
 
 def _each(parse):
     def validate(instance, attribute, values):
@@ -101,7 +106,7 @@ class ClusterConfig:
     """
 
     app: str
-    workers: int = field(default=1, validator=validators.ge(1))
+    workers: int = field(default=1, validator=[validators.ge(1), validators.le(MAX_WORKERS)])
     scheduling: str = field(default="rr", validator=validators.in_(SCHEDULING))
     gracefulTimeout: float = field(default=30.0, converter=float, validator=_positive)
     startTimeout: float = field(default=30.0, converter=float, validator=_positive)
@@ -474,7 +479,7 @@ class ClusterService(service.Service):
             worker C{workerId}), L{ReloadFailed} or L{ClusterStopped}.
         """
         if self._supervisor is None or not self.running:
-            return defer.fail(ClusterStopped("the cluster is not running"))
+            return defer.fail(ClusterStopped(self._notRunning()))
         return self._supervisor.recycle(workerId).addCallback(lambda pair: (pair[0].pid, pair[1].pid))
 
     def stacks(self, workerId: int) -> defer.Deferred:
@@ -531,7 +536,7 @@ class ClusterService(service.Service):
             workers keep serving) or L{ClusterStopped}.
         """
         if self._supervisor is None or not self.running:
-            return defer.fail(ClusterStopped("the cluster is not running"))
+            return defer.fail(ClusterStopped(self._notRunning()))
         d = self._supervisor.reload()
 
         def outcome(result):
@@ -551,11 +556,16 @@ class ClusterService(service.Service):
         are ready) or drain the highest-numbered ones (it waits until they
         have exited).
         """
+        if count > MAX_WORKERS:
+            return defer.fail(ValueError(f"a master runs at most {MAX_WORKERS} workers, not {count}"))
         if self._supervisor is None or not self.running:
             if count < 1:
                 return defer.fail(ValueError(f"a cluster needs at least 1 worker, not {count}"))
-            return defer.fail(ClusterStopped("the cluster is not running"))
+            return defer.fail(ClusterStopped(self._notRunning()))
         return self._supervisor.scale(count)
+
+    def _notRunning(self) -> str:
+        return "the cluster is stopping" if self.stopping else "the cluster is not running"
 
 
 def _exitProcessAfterReactor(reactor, code: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 
 from twisted.application import service
 from twisted.python import usage
@@ -41,6 +42,15 @@ def _number(kind, minimum, what):
 
 
 _positiveInt = _number(int, 1, "a whole number of at least 1")
+
+
+def _workerCount(value):
+    from txcluster._master import MAX_WORKERS
+
+    count = _positiveInt(value)
+    if count > MAX_WORKERS:
+        raise ValueError(f"must be at most {MAX_WORKERS}, not {count}")
+    return count
 _count = _number(int, 0, "a whole number of at least 0")
 _seconds = _number(float, 0, "a number of seconds, 0 or more")
 
@@ -116,7 +126,7 @@ class Options(usage.Options):
     )
 
     _coercions = {
-        "workers": _positiveInt,
+        "workers": _workerCount,
         "graceful-timeout": _seconds,
         "start-timeout": _seconds,
         "max-restarts": _count,
@@ -225,6 +235,8 @@ def checkControlPath(path: str) -> str:
         raise usage.UsageError(f"--control {path!r}: is a directory")
     if len(os.fsencode(absolute)) > 107:
         raise usage.UsageError(f"--control {path!r}: a UNIX socket path is at most 107 bytes long")
+    if os.path.lexists(absolute) and not stat.S_ISSOCK(os.lstat(absolute).st_mode):
+        raise usage.UsageError(f"--control {path!r}: exists and is not a socket (it is left alone)")
     return absolute
 
 
