@@ -304,6 +304,19 @@ class OperationTests(ControlTestsMixin, SynchronousTestCase):
         self.assertTrue(failure.check(OperationFailed))
         self.assertIn("no stacks", str(failure.value))
 
+    def test_stacksOfAStartingWorker(self) -> None:
+        """
+        A worker still starting (its faulthandler not set up yet, so that
+        SIGUSR1 would kill it) is not signalled: L{Stacks} fails, saying
+        so.
+        """
+        self.makeCluster(1)
+        client = self.connect(self.cluster)
+        failure = self.call(client, Stacks, workerId=1)
+        self.assertTrue(failure.check(OperationFailed))
+        self.assertIn("is still starting", str(failure.value))
+        self.assertNotIn(signal.SIGUSR1, self.worker(1).process.signalNumbers())
+
     def test_unaskedStacksAreLogged(self) -> None:
         """
         A dump on the stacks pipe nobody asked for (a hung worker's) is
@@ -426,6 +439,21 @@ class WatchTests(ControlTestsMixin, SynchronousTestCase):
         self.assertLogged("did not read 5 events; cutting it off", LogLevel.warn)
         self.flushAll()
         self.assertIsNotNone(client.lost)
+
+    def test_watcherBacklogInBytes(self) -> None:
+        """
+        A watcher that does not read is cut off once its queued events are
+        over L{WATCH_BACKLOG_BYTES}, however few they are.
+        """
+        self.patch(_control, "WATCH_BACKLOG_BYTES", 1000)
+        cluster = self.readyCluster(1)
+        client = self.connect(cluster)
+        self.call(client, Watch)
+        self.protocol.pauseProducing()
+        from txcluster._events import WorkerMessage
+
+        cluster._emit(WorkerMessage(1, 1, "x" * 2000))
+        self.assertLogged("did not read 0 MiB of events; cutting it off", LogLevel.warn)
 
     def test_watcherLeaves(self) -> None:
         """

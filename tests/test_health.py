@@ -130,6 +130,16 @@ class DrainDelayTests(EndpointTestsMixin, SynchronousTestCase):
         self.spawner.flush()
         self.assertTrue(self.worker(1).commands(Disconnect))
 
+    def test_whenStoppedOfAClusterThatNeverStarted(self):
+        """
+        A cluster stopped before it ever started (its start failed) still
+        fires L{ClusterService.whenStopped}: nothing waits forever.
+        """
+        cluster = self.makeCluster(1, start=False)
+        d = cluster.whenStopped()
+        cluster.stopService()
+        self.successResultOf(d)
+
     def test_whenStoppedBeforeTheStop(self):
         """
         L{ClusterService.whenStopped} asked before a stop fires once that

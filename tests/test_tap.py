@@ -110,6 +110,7 @@ class OptionsTests(SynchronousTestCase):
             (["--control", "/tmp/c.sock", "--no-control"], "--no-control"),
             (["--metrics", "nonsense:9100"], "--metrics"),
             (["--metrics", "tcp:port"], "--metrics"),
+            (["--metrics", "ssl:9443"], "--metrics"),
         ]:
             with self.assertRaises(usage.UsageError) as e:
                 parse("--app", app("web.tac"), *args)

@@ -78,7 +78,7 @@ class CompressedText(amp.Argument):
 
     PIECE = 60_000
     PIECES = 3
-    LIMIT = 16 * 1024 * 1024
+    LIMIT = 8 * 1024 * 1024
 
     def toBox(self, name, strings, objects, proto):
         data = zlib.compress(objects[name.decode("ascii")].encode("utf-8"), 6)

@@ -52,7 +52,7 @@ from txcluster._controlcommands import (
     Stop,
     Watch,
 )
-from txcluster._lifecycle import ClusterStopped, ReloadFailed
+from txcluster._lifecycle import ClusterStopped, ReloadFailed, UnknownWorker
 from txcluster._policy import CommandBudget
 from txcluster._process import StacksUnavailable
 from txcluster._twistedcompat import connectionLostQuietly, makeConnectionQuietly, readingValue, responderFor
@@ -72,6 +72,10 @@ MAX_CLIENTS = 64
 #: Events kept for a watcher that does not read them; one more and it is
 #: cut off.
 WATCH_BACKLOG = 10_000
+
+#: Bytes of events kept for a watcher that does not read them (an event
+#: carries a worker's message of up to 64 KiB); more and it is cut off.
+WATCH_BACKLOG_BYTES = 4 * 1024 * 1024
 
 #: How long a stopping master waits for its control clients' answers to
 #: be written.
@@ -188,6 +192,7 @@ class ControlProtocol(amp.AMP):
         self._watching = False
         self._paused = False
         self._backlog: list[str] = []
+        self._backlogBytes = 0
         self.peer: Optional[tuple] = None
         #: Fires once the connection is closed.
         self.gone = defer.Deferred()
@@ -408,8 +413,11 @@ class ControlProtocol(amp.AMP):
             text = json.dumps({"event": "truncated", "time": time.time(), "type": type(event).__name__})
         if self._paused:
             self._backlog.append(text)
+            self._backlogBytes += len(text)
             if len(self._backlog) > WATCH_BACKLOG:
                 self.cutOff(f"did not read {WATCH_BACKLOG} events")
+            elif self._backlogBytes > WATCH_BACKLOG_BYTES:
+                self.cutOff(f"did not read {WATCH_BACKLOG_BYTES // (1024 * 1024)} MiB of events")
             return
         self.callRemote(Event, event=text)
 
@@ -419,6 +427,7 @@ class ControlProtocol(amp.AMP):
     def resumeProducing(self) -> None:
         self._paused = False
         backlog, self._backlog = self._backlog, []
+        self._backlogBytes = 0
         for text in backlog:
             if self._paused:
                 self._backlog.append(text)
@@ -428,6 +437,7 @@ class ControlProtocol(amp.AMP):
     def stopProducing(self) -> None:
         self._paused = True
         self._backlog = []
+        self._backlogBytes = 0
 
 
 _COMMAND_NAMES = frozenset(c.commandName for c in CLIENT_COMMANDS)
@@ -439,9 +449,8 @@ def _refusal(failure: Failure) -> Failure:
     """
     if failure.check(ClusterStopped):
         return Failure(NotRunning(failure.getErrorMessage()))
-    if failure.check(KeyError):
-        message = failure.value.args[0] if failure.value.args else str(failure.value)
-        return Failure(NoSuchWorker(str(message)))
+    if failure.check(UnknownWorker):
+        return Failure(NoSuchWorker(str(failure.value)))
     if failure.check(ValueError):
         return Failure(BadRequest(failure.getErrorMessage()))
     if failure.check(ReloadFailed, StacksUnavailable):

@@ -84,7 +84,6 @@ class MetricsResource(_Leaf):
             from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
             try:
-                self._server.cluster.statistics()  # samples RSS and CPU for the collector
                 output = generate_latest(self._server.registry)
             except Exception:
                 _log.failure("could not render /metrics")
@@ -123,6 +122,7 @@ class MetricsServer(service.Service):
         self._reactor = reactor
         self._port = None
         self.registry = None
+        cluster.servesMetrics = True
 
     @property
     def reactor(self):

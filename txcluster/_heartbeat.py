@@ -101,8 +101,9 @@ class Heartbeat:
         C{seconds}.
         """
         if process.phase is not Phase.DEAD:
+            # Its lag, not a heartbeat: the heartbeat histogram is the
+            # heartbeat's alone.
             self.roundTrips[process] = seconds
-            self._roundTrip(seconds)
 
     def _again(self) -> None:
         self._call = None

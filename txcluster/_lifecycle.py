@@ -48,6 +48,15 @@ class ReloadFailed(Exception):
     """
 
 
+class UnknownWorker(KeyError):
+    """
+    No running worker has that id.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no such worker"
+
+
 class ClusterStopped(Exception):
     """
     The cluster stopped (or gave up) before the operation finished.

@@ -24,11 +24,11 @@ from twisted.python.failure import Failure
 from txcluster._access import ListenPolicy, parseDeclared, parsePattern, workerIdentity
 from txcluster._handles import SCHEDULING, SHARED, HandleStatistics, HandleTable
 from txcluster._deferreds import observe
-from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed, seconds
+from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed, UnknownWorker, seconds
 from txcluster._metrics import ClusterRecorder, WorkerMetricsStore
 from txcluster._listens import ListenBroker
 from txcluster._policy import MAX_REQUESTS_DATAGRAMS, MAX_REQUESTS_SHARED, restartDelay
-from txcluster._process import spawnWorker
+from txcluster._process import StacksUnavailable, spawnWorker
 from txcluster._processes import CHANNEL_LOST_GRACE, STACK_DUMP_GRACE, ProcessTable
 from txcluster._scheduler import DEFAULT_WINDOW
 from txcluster._status import ClusterStatistics, ClusterStatus, WorkerStatistics
@@ -209,6 +209,8 @@ class ClusterService(service.Service):
         self.recorder = ClusterRecorder()
         #: The applications' metrics, as the workers last reported them.
         self.appMetrics = WorkerMetricsStore()
+        #: Whether a L{MetricsServer} serves them (only then are reports parsed).
+        self.servesMetrics = False
 
     @property
     def reactor(self):
@@ -311,23 +313,22 @@ class ClusterService(service.Service):
         super().stopService()
         if self._stopped is not None:
             return observe(self._stopped)
-        if self._supervisor is None:
-            self._stopped = defer.succeed(None)
-            return observe(self._stopped)
         from txcluster._events import ClusterStopping
 
-        delay = self.config.drainDelay
-        self._emit(ClusterStopping(delay))
-        if delay > 0:
-            _log.info(
-                "stopping: not ready any more; taking connections for {delay} more (--drain-delay) before the workers drain",
-                delay=seconds(delay),
-            )
-            waited = defer.Deferred()
-            self._drainCall = self.reactor.callLater(delay, waited.callback, None)
-            self._stopped = waited.addCallback(lambda _: self._supervisor.stop())
+        if self._supervisor is None:
+            self._stopped = defer.succeed(None)
         else:
-            self._stopped = self._supervisor.stop()
+            delay = self.config.drainDelay
+            self._emit(ClusterStopping(delay))
+            if delay > 0:
+                _log.info(
+                    "stopping: not ready any more; taking connections for {delay} more (--drain-delay) "
+                    "before the workers drain", delay=seconds(delay))
+                waited = defer.Deferred()
+                self._drainCall = self.reactor.callLater(delay, waited.callback, None)
+                self._stopped = waited.addCallback(lambda _: self._supervisor.stop())
+            else:
+                self._stopped = self._supervisor.stop()
         waiters, self._stopWaiters = self._stopWaiters, []
         for waiter in waiters:
             observe(self._stopped).addBoth(lambda _, waiter=waiter: waiter.callback(None))
@@ -496,7 +497,10 @@ class ClusterService(service.Service):
         view = None if slot is None else slot.view()
         process = None if view is None else view.current
         if process is None or process.phase is Phase.DEAD:
-            return defer.fail(KeyError(f"no running worker {workerId}"))
+            return defer.fail(UnknownWorker(f"no running worker {workerId}"))
+        if process.phase is Phase.STARTING:
+            # Its faulthandler is not set up yet: SIGUSR1 would kill it.
+            return defer.fail(StacksUnavailable(f"{process.describe()} is still starting"))
         _log.info("writing the stacks of {worker} for a control client", worker=process.describe())
         return self._processes.stacks(process).addCallback(lambda text: (process.pid, text))
 
@@ -507,7 +511,7 @@ class ClusterService(service.Service):
         slot = None if self._supervisor is None else self._supervisor.slots.get(workerId)
         view = None if slot is None else slot.view()
         if view is None or view.current is None or view.current.phase is Phase.DEAD:
-            return defer.fail(KeyError(f"no running worker {workerId}"))
+            return defer.fail(UnknownWorker(f"no running worker {workerId}"))
         return self._processes.send(view.current, message)
 
     def broadcast(self, message: Any) -> defer.Deferred:

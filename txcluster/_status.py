@@ -189,6 +189,9 @@ class ClusterStatus:
         return _atMost(self._clock, timeout, asked)
 
     def _metricsReported(self, process, text: str) -> None:
+        if not self._cluster.servesMetrics:
+            # Nothing serves them (no --metrics): not worth a parse.
+            return
         try:
             self._cluster.appMetrics.report(process.workerId, process.serial, text, self._clock.seconds())
         except BadMetrics as e:

@@ -19,6 +19,7 @@ from txcluster._deferreds import observe
 from txcluster._handles import HandleTable
 from txcluster._heartbeat import Heartbeat
 from txcluster._lifecycle import (
+    UnknownWorker,
     ClusterStopped,
     Drain,
     Effects,
@@ -253,7 +254,7 @@ class Supervisor:
         slot = self.slots.get(workerId)
         view = None if slot is None else slot.view()
         if view is None or view.current is None or view.current.phase is Phase.DEAD:
-            return defer.fail(KeyError(f"no running worker {workerId}"))
+            return defer.fail(UnknownWorker(f"no running worker {workerId}"))
         if self._stopping is not None:
             return defer.fail(ClusterStopped("the cluster is stopping"))
         old = view.current

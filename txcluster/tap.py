@@ -165,7 +165,7 @@ class Options(usage.Options):
         if not self["no-control"]:
             from txcluster._control import defaultControlPath, liveMasterOn
 
-            path = self["control"] or defaultControlPath()
+            path = self["control"] or checkControlPath(defaultControlPath())
             if liveMasterOn(path):
                 raise usage.UsageError(
                     f"--control {path}: a master is already running with this control socket "
@@ -255,7 +255,12 @@ def checkEndpoint(description: str) -> str:
 
     try:
         endpoints.serverFromString(_Checker(), description)
-    except (ValueError, TypeError, KeyError) as e:
+    except ImportError:
+        raise usage.UsageError(
+            f"--metrics {description!r}: the master does not load TLS; serve plain HTTP "
+            "(tcp:...) behind a TLS proxy"
+        )
+    except Exception as e:
         raise usage.UsageError(f"--metrics {description!r}: not an endpoint description ({e})")
     return description
 
