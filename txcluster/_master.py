@@ -25,8 +25,8 @@ from txcluster._access import ListenPolicy, parseDeclared, parsePattern, workerI
 from txcluster._handles import SCHEDULING, SHARED, HandleStatistics, HandleTable
 from txcluster._deferreds import observe
 from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed, UnknownWorker, seconds
-from txcluster._metrics import ClusterRecorder, WorkerMetricsStore
 from txcluster._listens import ListenBroker
+from txcluster._metrics import ClusterRecorder, WorkerMetricsStore
 from txcluster._policy import MAX_REQUESTS_DATAGRAMS, MAX_REQUESTS_SHARED, restartDelay
 from txcluster._process import StacksUnavailable, spawnWorker
 from txcluster._processes import CHANNEL_LOST_GRACE, STACK_DUMP_GRACE, ProcessTable
