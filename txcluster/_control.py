@@ -470,6 +470,7 @@ class ControlServer(service.Service):
         as C{SIGTERM} does under C{twistd}.
     @param statusWait: how long a L{Status} waits for the workers to say
         how many connections they have open.
+    @param reactor: the cluster's by default.
     """
 
     name = "txcluster-control"
@@ -492,11 +493,8 @@ class ControlServer(service.Service):
 
     @property
     def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
+        # The cluster's, unless one was given.
+        return self._reactor if self._reactor is not None else self.cluster.reactor
 
     def allowedUIDs(self) -> frozenset:
         """
@@ -566,20 +564,28 @@ class ControlServer(service.Service):
                 client.transport.abortConnection()
 
 
-def liveMasterOn(path: str) -> bool:
+def _probe(path: str) -> Optional[OSError]:
     """
-    Whether a process listens on the UNIX socket at C{path} (nothing is
-    removed).
+    Connect to the UNIX socket at C{path} and hang up: L{None} if some
+    process listens there, otherwise why not.
     """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
-    except OSError:
-        return False
+    except OSError as e:
+        return e
     finally:
         probe.close()
-    return True
+    return None
+
+
+def liveMasterOn(path: str) -> bool:
+    """
+    Whether a process listens on the UNIX socket at C{path} (nothing is
+    removed).
+    """
+    return _probe(path) is None
 
 
 def removeStaleSocket(path: str) -> None:
@@ -598,19 +604,13 @@ def removeStaleSocket(path: str) -> None:
         raise CannotListenError(None, path, f"cannot use the control socket path: {e}") from None
     if not stat.S_ISSOCK(mode):
         raise CannotListenError(None, path, "the control socket path exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    refused = _probe(path)
+    if refused is None:
+        raise CannotListenError(None, path, "a master is already running with this control socket")
+    if refused.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+        raise CannotListenError(None, path, f"cannot probe the control socket: {refused}")
+    _log.info("removing the stale control socket {path} (no master listens on it)", path=path)
     try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            _log.info("removing the stale control socket {path} (no master listens on it)", path=path)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        raise CannotListenError(None, path, f"cannot probe the control socket: {e}") from None
-    finally:
-        probe.close()
-    raise CannotListenError(None, path, "a master is already running with this control socket")
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

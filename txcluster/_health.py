@@ -112,6 +112,8 @@ class MetricsServer(service.Service):
     Serves C{/metrics}, C{/healthz} and C{/readyz} for C{cluster} on the
     server endpoint C{description}, from the start until the cluster's
     stop is over (so that C{/readyz} says 503 while it drains).
+
+    @param reactor: the cluster's by default.
     """
 
     name = "txcluster-metrics"
@@ -126,11 +128,8 @@ class MetricsServer(service.Service):
 
     @property
     def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
+        # The cluster's, unless one was given.
+        return self._reactor if self._reactor is not None else self.cluster.reactor
 
     def site(self) -> server.Site:
         """
