@@ -27,7 +27,7 @@ STATUS = {
         {
             "id": 1, "pid": 100, "state": "ready", "uptime": 65.2, "restarts": 0, "handed": 12,
             "connections": 2, "rss": 50 * 1024 * 1024, "cpuPercent": 3.5, "cpuSeconds": 1.0,
-            "lag": 0.0012, "listens": ["tcp:0.0.0.0:8080"],
+            "lag": 0.0012, "memory": 30 * 1024 * 1024, "recycling": "memory", "listens": ["tcp:0.0.0.0:8080"],
         },
         {
             "id": 2, "pid": None, "state": "waiting", "uptime": 0.0, "restarts": 4, "handed": 0,
@@ -42,16 +42,20 @@ class FormatTests(SynchronousTestCase):
         """
         C{status} prints a header (the master's pid, uptime, app,
         scheduling, ready workers and the queue) and one aligned row per
-        worker; what is not known is C{-}.
+        worker; what is not known is C{-}; a worker being recycled says
+        why.
         """
         text = _cli.formatStatus(STATUS)
         lines = text.splitlines()
         self.assertIn("master pid 4242, up 1h02m, /srv/app.tac, rr scheduling", lines[0])
         self.assertIn("workers: 1/2 ready (ready at 2); queue: 3 connections waiting", lines[1])
         header, first, second = lines[3:]
-        self.assertEqual(header.split(), ["ID", "PID", "STATE", "UPTIME", "RESTARTS", "HANDED", "OPEN", "RSS", "CPU%", "LAG", "LISTENS"])
-        self.assertEqual(first.split(), ["1", "100", "ready", "1m05s", "0", "12", "2", "50.0M", "3.5", "1.2ms", "tcp:0.0.0.0:8080"])
-        self.assertEqual(second.split(), ["2", "-", "waiting", "-", "4", "0", "-", "-", "-", "-", "-"])
+        self.assertEqual(header.split(), ["ID", "PID", "STATE", "UPTIME", "RESTARTS", "HANDED", "OPEN", "RSS", "USS", "CPU%", "LAG", "LISTENS"])
+        self.assertEqual(
+            first.split(),
+            ["1", "100", "ready", "(recycling:", "memory)", "1m05s", "0", "12", "2", "50.0M", "30.0M", "3.5", "1.2ms", "tcp:0.0.0.0:8080"],
+        )
+        self.assertEqual(second.split(), ["2", "-", "waiting", "-", "4", "0", "-", "-", "-", "-", "-", "-"])
         self.assertEqual(header.index("PID"), first.index("100"))
 
     def test_stoppingIsSaid(self):

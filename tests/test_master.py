@@ -42,6 +42,8 @@ from txcluster import (
     ClusterService,
     ClusterStopped,
     ReloadFailed,
+    ReloadFinished,
+    ReloadStarted,
     WorkerDisconnected,
     WorkerExited,
     WorkerForked,
@@ -863,12 +865,14 @@ class ReloadTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertEqual(
             [e for e in self.events if not isinstance(e, (WorkerOnline, WorkerExited))],
             [
+                ReloadStarted(2),
                 WorkerForked(1, new1.pid),
                 WorkerReady(1, new1.pid),
                 WorkerDisconnected(1, old1.pid, "replaced"),
                 WorkerForked(2, new2.pid),
                 WorkerReady(2, new2.pid),
                 WorkerDisconnected(2, old2.pid, "replaced"),
+                ReloadFinished("succeeded"),
             ],
         )
         self.assertEqual(

@@ -48,6 +48,7 @@ class FakeWorker:
     pid: Optional[int] = 100
     connections: Optional[int] = None
     rss: Optional[int] = None
+    memory: Optional[int] = None
     uptime: float = 1.0
 
 
@@ -725,6 +726,7 @@ class ClusterMetricsTests(SynchronousTestCase):
                 "txcluster_dispatch_queue_connections": "gauge",
                 "txcluster_handoff_seconds": "histogram",
                 "txcluster_worker_resident_memory_bytes": "gauge",
+                "txcluster_worker_unique_memory_bytes": "gauge",
                 "txcluster_worker_cpu_seconds": "counter",
                 "txcluster_heartbeat_round_trip_seconds": "histogram",
                 "txcluster_reloads": "counter",
@@ -779,7 +781,7 @@ class ClusterMetricsTests(SynchronousTestCase):
         expected.update({("1", "failure"): 2.0, ("1", "reload"): 1.0, ("2", "cosmic ray"): 1.0})
         self.assertEqual(found, expected)
         self.assertEqual(
-            set(RESTART_REASONS), {"failure", "left", "reload", "recycle", "hung"}
+            set(RESTART_REASONS), {"failure", "left", "reload", "recycle", "memory", "lifetime", "hung"}
         )
 
     def test_reloads(self):

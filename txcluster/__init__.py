@@ -14,6 +14,7 @@ Public names (everything else is private):
     C{ClusterService.statistics()}.
   - L{WorkerForked}, L{WorkerOnline}, L{WorkerListening}, L{WorkerReady},
     L{WorkerDisconnected}, L{WorkerExited}, L{WorkerMessage},
+    L{WorkerRecycling}, L{ReloadStarted}, L{ReloadFinished},
     L{ClusterStopping}: lifecycle events for C{ClusterService.addObserver}.
   - L{ControlServer}: the control socket the C{txcluster} command talks to;
     L{MetricsServer}: C{/metrics}, C{/healthz} and C{/readyz}.  Both
@@ -74,6 +75,9 @@ _exports = {
     "ReloadFailed": "txcluster._master",
     "WorkerStatistics": "txcluster._master",
     "ClusterStopping": "txcluster._events",
+    "ReloadFinished": "txcluster._events",
+    "ReloadStarted": "txcluster._events",
+    "WorkerRecycling": "txcluster._events",
     "ControlServer": "txcluster._control",
     "MetricsServer": "txcluster._health",
     "WorkerDisconnected": "txcluster._events",

@@ -72,18 +72,69 @@ class Declared:
     mode: int
     description: str
 
+    @property
+    def isStream(self) -> bool:
+        return self.key.isStream
 
-def parseDeclared(description: str) -> Declared:
+
+@frozen
+class Inherited:
+    """
+    A C{--listen systemd:...}: a listening socket systemd passed to the
+    master (socket activation), in Twisted's C{systemd:} endpoint syntax.
+
+    @ivar domain: C{INET}, C{INET6} or C{UNIX}, as the description says.
+    @ivar index: its place among the passed sockets, or L{None}.
+    @ivar name: its C{FileDescriptorName=}, or L{None}.
+    """
+
+    domain: str
+    index: Optional[int]
+    name: Optional[str]
+    description: str
+
+    #: systemd passes stream sockets here (Twisted's endpoint adopts only those).
+    isStream = True
+
+
+_DOMAINS = ("INET", "INET6", "UNIX")
+
+
+def _parseInherited(description: str, keywords: dict) -> Inherited:
+    domain = keywords.get("domain")
+    if domain not in _DOMAINS:
+        raise BadListenDescription(
+            f"{description!r}: a systemd listen needs domain=INET, INET6 or UNIX (the family of the socket systemd passes)"
+        )
+    index, name = keywords.get("index"), keywords.get("name")
+    if (index is None) == (name is None):
+        raise BadListenDescription(
+            f"{description!r}: a systemd listen needs exactly one of index=N (its place among the "
+            "sockets systemd passes) or name=NAME (its FileDescriptorName=)"
+        )
+    if index is not None:
+        if not index.isdigit():
+            raise BadListenDescription(f"{description!r}: index must be a whole number, not {index!r}")
+        return Inherited(domain, int(index), None, description)
+    return Inherited(domain, None, name, description)
+
+
+def parseDeclared(description: str):
     """
     Parse a C{--listen} value: a server endpoint description in the syntax
     of C{strports} (C{tcp:80}, C{tcp:8443:interface=127.0.0.1},
     C{tcp6:80}, C{ssl:443:...}, C{unix:/run/app.sock:mode=660},
-    C{udp:53}).  The worker's own listen must name the same address for it
-    to be shared (an C{ssl:} listen is a TCP socket to the master).
+    C{udp:53}), or a socket systemd passed
+    (C{systemd:domain=INET:index=0}, C{systemd:domain=INET:name=web}).
+    The worker's own listen must name the same address for it to be shared
+    (an C{ssl:} listen is a TCP socket to the master).
 
+    @return: a L{Declared} (the master binds it) or an L{Inherited}.
     @raise BadListenDescription: naming what is wrong.
     """
     kind, positional, keywords = _fields(description)
+    if kind == "systemd":
+        return _parseInherited(description, keywords)
     try:
         backlog = int(keywords.get("backlog", "50"))
         if kind == "unix":
@@ -110,7 +161,7 @@ def parseDeclared(description: str) -> Declared:
             raise
         raise BadListenDescription(f"{description!r}: {e}") from None
     raise BadListenDescription(
-        f"{description!r}: unknown kind {kind!r} (use tcp, tcp6, ssl, unix or udp)"
+        f"{description!r}: unknown kind {kind!r} (use tcp, tcp6, ssl, unix, udp or systemd)"
     )
 
 

@@ -123,19 +123,20 @@ def formatStatus(status: dict) -> str:
         f"queue: {status['queue']} connections waiting for a worker; "
         f"{status['failures']} {'failure' if status['failures'] == 1 else 'failures'} in the restart window"
     )
-    columns = ["ID", "PID", "STATE", "UPTIME", "RESTARTS", "HANDED", "OPEN", "RSS", "CPU%", "LAG", "LISTENS"]
+    columns = ["ID", "PID", "STATE", "UPTIME", "RESTARTS", "HANDED", "OPEN", "RSS", "USS", "CPU%", "LAG", "LISTENS"]
     rows = [columns]
     for w in status["workers"]:
         rows.append(
             [
                 str(w["id"]),
                 _cell(w["pid"]),
-                w["state"],
+                w["state"] + (f" (recycling: {w['recycling']})" if w.get("recycling") else ""),
                 _duration(w["uptime"]) if w["pid"] is not None else "-",
                 str(w["restarts"]),
                 str(w["handed"]),
                 _cell(w["connections"]),
                 _size(w["rss"]),
+                _size(w.get("memory")),
                 "-" if w["cpuPercent"] is None else f"{w['cpuPercent']:.1f}",
                 "-" if w["lag"] is None else f"{w['lag'] * 1000:.1f}ms",
                 ", ".join(w["listens"]) or "-",

@@ -89,6 +89,9 @@ _EVENT_NAMES = {
     _events.WorkerDisconnected: "disconnect",
     _events.WorkerExited: "exit",
     _events.WorkerMessage: "message",
+    _events.WorkerRecycling: "recycle",
+    _events.ReloadStarted: "reload-start",
+    _events.ReloadFinished: "reload-end",
     _events.ClusterStopping: "stopping",
 }
 
@@ -149,6 +152,8 @@ def statusAsJSON(statistics) -> dict:
                 "cpuPercent": w.cpuPercent,
                 "cpuSeconds": w.cpuSeconds,
                 "lag": None if w.lag is None else round(w.lag, 6),
+                "memory": w.memory,
+                "recycling": w.recycling,
                 "listens": list(w.listens),
             }
             for w in statistics.workers

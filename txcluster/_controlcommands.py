@@ -157,7 +157,8 @@ class Event(amp.Command):
     """
     Master to client, after L{Watch}: one lifecycle event, a JSON object
     with at least C{event} (C{fork}, C{online}, C{listening}, C{ready},
-    C{disconnect}, C{exit}, C{message}, C{stopping}) and C{time}.
+    C{disconnect}, C{exit}, C{message}, C{recycle}, C{reload-start},
+    C{reload-end}, C{stopping}) and C{time}.
     """
 
     arguments = [(b"event", amp.Unicode())]

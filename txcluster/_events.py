@@ -111,6 +111,43 @@ class ClusterStopping:
     drainDelay: float
 
 
+@frozen
+class WorkerRecycling:
+    """
+    The master is replacing worker C{workerId}'s process with a fresh one,
+    ready-gated: C{memory} (C{--max-memory}), C{lifetime}
+    (C{--max-lifetime}), C{max-requests} or C{control} (C{txcluster
+    recycle}).
+    """
+
+    workerId: int
+    pid: Optional[int]
+    reason: str
+
+
+@frozen
+class ReloadStarted:
+    """
+    A rolling reload began (C{SIGHUP}, C{txcluster reload} or C{reload()});
+    C{workers} worker ids are to get a fresh process.  A reload asked for
+    while one runs joins it and reports nothing new.
+    """
+
+    workers: int
+
+
+@frozen
+class ReloadFinished:
+    """
+    The rolling reload ended: C{outcome} is C{succeeded}, C{failed} (the
+    old workers keep serving; C{why} says what failed) or C{stopped} (the
+    cluster began to stop).
+    """
+
+    outcome: str
+    why: str = ""
+
+
 ClusterEvent = (
     WorkerForked,
     WorkerOnline,
@@ -119,5 +156,8 @@ ClusterEvent = (
     WorkerDisconnected,
     WorkerExited,
     WorkerMessage,
+    WorkerRecycling,
+    ReloadStarted,
+    ReloadFinished,
     ClusterStopping,
 )

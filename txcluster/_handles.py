@@ -58,6 +58,8 @@ class Handle:
     accepted: int = 0
     #: Bound at start-up (C{--listen}): stays open without workers.
     declared: bool = False
+    #: Passed by systemd (socket activation): its UNIX path is systemd's.
+    inherited: bool = False
     #: While accepting is paused for lack of descriptors: the call that resumes it.
     resourcePause: Any = None
 
@@ -186,6 +188,19 @@ class HandleTable:
         handle.declared = True
         return handle
 
+    def inherit(self, key: ListenKey, sock: socket.socket, aliases: tuple = ()) -> Handle:
+        """
+        Serve C{sock}, a listening socket the master was given (systemd's
+        socket activation), as C{key} and every key in C{aliases} (a dual
+        stack C{[::]} socket serves C{0.0.0.0} too); declared, as with
+        L{declare}.
+        """
+        handle = self._install(key, sock)
+        handle.declared = handle.inherited = True
+        for alias in aliases:
+            self._byKey.setdefault(alias, handle)
+        return handle
+
     def listening(self, worker: Hashable, listenId: int, allowance: Optional[Allowance] = None) -> Optional[Handle]:
         """
         C{worker}'s port for C{listenId} is up: it takes connections now, up
@@ -250,6 +265,12 @@ class HandleTable:
             if not handle.members and not handle.declared:
                 self._closeHandle(handle, "no worker listens on it")
 
+    def unused(self) -> list[Handle]:
+        """
+        The declared handles no worker listens on.
+        """
+        return [h for h in self._byId.values() if h.declared and not h.members]
+
     # Shutdown
 
     def stopAccepting(self) -> None:
@@ -284,7 +305,11 @@ class HandleTable:
     # Internals
 
     def _bind(self, key: ListenKey, backlog: int, mode: int) -> Handle:
-        sock = bindSocket(key, backlog, mode)
+        handle = self._install(key, bindSocket(key, backlog, mode))
+        _log.info("bound {address} ({scheduling})", address=handle.describe(), scheduling=handle.scheduling)
+        return handle
+
+    def _install(self, key: ListenKey, sock: socket.socket) -> Handle:
         host, port = boundAddress(sock, key)
         scheduling = self.scheduling if key.isStream else SHARED
         handle = Handle(
@@ -308,9 +333,6 @@ class HandleTable:
                 self._startReading(handle)
         self._byKey[key] = handle
         self._byId[handle.listenId] = handle
-        _log.info(
-            "bound {address} ({scheduling})", address=handle.describe(), scheduling=scheduling
-        )
         return handle
 
     def _accepted(self, handle: Handle, fds: list) -> None:
@@ -447,7 +469,7 @@ class HandleTable:
             handle.resourcePause = None
         handle.sock.close()
         handle.sock = None
-        if handle.key.kind == "unix" and not handle.key.address.startswith("\0"):
+        if handle.key.kind == "unix" and not handle.key.address.startswith("\0") and not handle.inherited:
             # (An abstract name has no file to remove.)
             try:
                 os.unlink(handle.key.address)
@@ -458,7 +480,8 @@ class HandleTable:
         self._closeSocket(handle)
         if handle.dispatcher is not None:
             self._run(handle, handle.dispatcher.close())
-        self._byKey.pop(handle.key, None)
+        for key in [k for k, h in self._byKey.items() if h is handle]:
+            del self._byKey[key]
         self._byId.pop(handle.listenId, None)
         _log.info("closed {address}: {why}", address=handle.describe(), why=why)
         self._checkIdle()

@@ -46,6 +46,17 @@ class ListenBroker:
         self._listens: dict[WorkerProcess, dict[int, str]] = {}
         self._listening: dict[WorkerProcess, set] = {}
 
+    def _samePort(self, key: ListenKey) -> str:
+        # The usual cause: the app listens on all interfaces where the
+        # --listen (or systemd's socket) names one, or the other way round.
+        for handle in self.table.handles():
+            if handle.declared and handle.key.kind[:3] == key.kind[:3] and handle.port == key.port and key.port:
+                return (
+                    f" (the master serves {handle.describe()}: for the app's listen to share it, "
+                    "it must name that same interface)"
+                )
+        return ""
+
     def listensOf(self, process: WorkerProcess) -> tuple:
         """
         The addresses C{process} listens on, sorted.
@@ -85,10 +96,11 @@ class ListenBroker:
             handle = self.table.query(process, key, backlog, mode)
         except OSError as e:
             _log.warn(
-                "{worker} cannot listen on {address}: {error}",
+                "{worker} cannot listen on {address}: {error}{hint}",
                 worker=process.describe(),
                 address=key.describe(),
                 error=e.strerror or str(e),
+                hint=self._samePort(key),
                 workerId=process.workerId,
                 pid=process.pid,
             )
@@ -193,3 +205,57 @@ def _isNumericAddress(address: str) -> bool:
 def _quote(text: str, limit: int = 80) -> str:
     quoted = repr(text)
     return quoted if len(quoted) <= limit else f"{quoted[:limit]}... ({len(text)} characters)"
+
+
+def declareListens(table: HandleTable, declared: list, reactor, environ) -> list[ListenKey]:
+    """
+    Bind every C{--listen} (a L{txcluster._access.Declared}) and serve
+    every socket systemd passed (an L{txcluster._access.Inherited}), before
+    any worker exists.  A passed socket no C{--listen} names is logged.
+
+    @return: the keys they serve, for the L{ListenPolicy}.
+    @raise CannotListenError: a listen could not be bound; nothing stays
+        bound.
+    @raise InheritedSocketError: a passed socket is missing or unusable.
+    """
+    from twisted.internet.error import CannotListenError
+
+    from txcluster._access import Inherited
+    from txcluster._systemd import inheritSocket, passedDescriptors
+
+    keys: list[ListenKey] = []
+    used: set[int] = set()
+    for d in declared:
+        try:
+            if isinstance(d, Inherited):
+                inherited = inheritSocket(reactor, d, environ)
+                if inherited.fileno in used:
+                    continue
+                used.add(inherited.fileno)
+                handle = table.inherit(inherited.key, inherited.sock, inherited.aliases)
+                keys.extend((inherited.key,) + inherited.aliases)
+                _log.info(
+                    "serving {address} passed by systemd (descriptor {fileno}, --listen {description})",
+                    address=handle.describe(),
+                    fileno=inherited.fileno,
+                    description=d.description,
+                )
+                continue
+            handle = table.declare(d.key, d.backlog, d.mode)
+        except OSError as e:
+            table.closeAll()
+            raise CannotListenError(d.key.address, d.key.port, e) from None
+        except Exception:
+            table.closeAll()
+            raise
+        keys.append(d.key)
+        _log.info("declared {address} (--listen {description})", address=handle.describe(), description=d.description)
+    for fileno, name in passedDescriptors(reactor, environ) if any(isinstance(d, Inherited) for d in declared) else ():
+        if fileno not in used:
+            _log.warn(
+                "systemd passed descriptor {fileno} (name {name}) and no --listen names it: "
+                "it is not served (add --listen systemd:domain=INET:name={name})",
+                fileno=fileno,
+                name=name,
+            )
+    return keys

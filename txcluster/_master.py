@@ -25,11 +25,12 @@ from txcluster._access import ListenPolicy, parseDeclared, parsePattern, workerI
 from txcluster._handles import SCHEDULING, SHARED, HandleStatistics, HandleTable
 from txcluster._deferreds import observe
 from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed, UnknownWorker, seconds
-from txcluster._listens import ListenBroker
+from txcluster._listens import ListenBroker, declareListens
 from txcluster._metrics import ClusterRecorder, WorkerMetricsStore
 from txcluster._policy import MAX_REQUESTS_DATAGRAMS, MAX_REQUESTS_SHARED, restartDelay
 from txcluster._process import StacksUnavailable, spawnWorker
 from txcluster._processes import CHANNEL_LOST_GRACE, STACK_DUMP_GRACE, ProcessTable
+from txcluster._recycling import MEMORY_INTERVAL
 from txcluster._scheduler import DEFAULT_WINDOW
 from txcluster._status import ClusterStatistics, ClusterStatus, WorkerStatistics
 from txcluster._supervisor import Supervisor, _firstFailure
@@ -103,6 +104,10 @@ class ClusterConfig:
         meanwhile, so that a load balancer takes it out of rotation first.
     @ivar minReady: how many ready workers make the cluster ready
         (L{None}: all of C{workers}).
+    @ivar maxMemory: MiB of unique memory a worker may keep using before it
+        is recycled (0: no limit); sampled every C{memoryInterval} seconds.
+    @ivar maxLifetime: seconds a worker process serves before it is
+        recycled (0: no limit), plus a random 0..C{maxLifetimeJitter}.
     """
 
     app: str
@@ -126,6 +131,10 @@ class ClusterConfig:
     group: Optional[str] = None
     drainDelay: float = field(default=0.0, converter=float, validator=_positive)
     minReady: Optional[int] = field(default=None, validator=validators.optional(validators.ge(1)))
+    maxMemory: float = field(default=0.0, converter=float, validator=_positive)
+    memoryInterval: float = field(default=MEMORY_INTERVAL, converter=float, validator=validators.gt(0))
+    maxLifetime: float = field(default=0.0, converter=float, validator=_positive)
+    maxLifetimeJitter: float = field(default=0.0, converter=float, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.minReady is not None and self.minReady > self.workers:
@@ -134,7 +143,7 @@ class ClusterConfig:
             raise ValueError(MAX_REQUESTS_SHARED)
         if self.maxRequests:
             for description in self.listens:
-                if not parseDeclared(description).key.isStream:
+                if not parseDeclared(description).isStream:
                     raise ValueError(f"--listen {description}: {MAX_REQUESTS_DATAGRAMS}")
 
 
@@ -238,12 +247,6 @@ class ClusterService(service.Service):
             return
         raiseFileLimit()
         uid, gid = workerIdentity(self.config.user, self.config.group)
-        declared = [parseDeclared(d) for d in self.config.listens]
-        policy = ListenPolicy(
-            [parsePattern(p) for p in self.config.allowListen],
-            [d.key for d in declared],
-            declaredOnly=os.geteuid() == 0 and uid not in (None, 0),
-        )
         supervisor = Supervisor(self.config, self.reactor, self._restartPolicy, self._emit, self._giveUp)
         table = HandleTable(
             self.reactor,
@@ -255,15 +258,13 @@ class ClusterService(service.Service):
         )
         supervisor.restarted = self.recorder.restarted
         supervisor.roundTrip = self.recorder.heartbeat
-        for d in declared:
-            try:
-                handle = table.declare(d.key, d.backlog, d.mode)
-            except OSError as e:
-                from twisted.internet.error import CannotListenError
-
-                table.closeAll()
-                raise CannotListenError(d.key.address, d.key.port, e) from None
-            _log.info("declared {address} (--listen {description})", address=handle.describe(), description=d.description)
+        supervisor.reloaded = self.recorder.reloadFinished
+        declared = declareListens(table, [parseDeclared(d) for d in self.config.listens], self.reactor, os.environ)
+        policy = ListenPolicy(
+            [parsePattern(p) for p in self.config.allowListen],
+            declared,
+            declaredOnly=os.geteuid() == 0 and uid not in (None, 0),
+        )
         broker = ListenBroker(
             table,
             policy,
@@ -404,7 +405,7 @@ class ClusterService(service.Service):
     def _sendConnections(self, process, listenId: int, fds: list) -> defer.Deferred:
         d = process.channel.sendConnections(listenId, fds)
         if process.allowance.limit is not None and process.allowance.exhausted:
-            self._supervisor.limitReached(process)
+            self._supervisor.recycler.limitReached(process)
         return d.addCallback(self._taken, process, len(fds))
 
     def _taken(self, accepted: int, process, sent: int) -> int:
@@ -481,7 +482,7 @@ class ClusterService(service.Service):
         """
         if self._supervisor is None or not self.running:
             return defer.fail(ClusterStopped(self._notRunning()))
-        return self._supervisor.recycle(workerId).addCallback(lambda pair: (pair[0].pid, pair[1].pid))
+        return self._supervisor.recycler.recycle(workerId).addCallback(lambda pair: (pair[0].pid, pair[1].pid))
 
     def stacks(self, workerId: int) -> defer.Deferred:
         """
@@ -541,18 +542,16 @@ class ClusterService(service.Service):
         """
         if self._supervisor is None or not self.running:
             return defer.fail(ClusterStopped(self._notRunning()))
-        d = self._supervisor.reload()
+        return self._supervisor.reload()
 
-        def outcome(result):
-            if not isinstance(result, Failure):
-                self.recorder.reloadFinished("succeeded")
-            elif result.check(ClusterStopped):
-                self.recorder.reloadFinished("stopped")
-            else:
-                self.recorder.reloadFinished("failed")
-            return result
-
-        return d.addBoth(outcome)
+    def reloadProgress(self) -> Optional[tuple[int, int]]:
+        """
+        C{(done, total)} of the rolling reload under way (worker ids that
+        serve with a fresh process, out of all), or L{None} if none is.
+        """
+        if self._supervisor is None or not self._supervisor.reloading:
+            return None
+        return self._supervisor.reloadProgress()
 
     def scale(self, count: int) -> defer.Deferred:
         """

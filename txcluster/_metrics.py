@@ -60,7 +60,7 @@ RESERVED_PREFIXES = ("txcluster_",)
 WORKER_STATES = ("starting", "online", "ready", "draining", "leaving", "failing", "waiting")
 
 #: Why a worker id got a new process.
-RESTART_REASONS = ("failure", "left", "reload", "recycle", "hung")
+RESTART_REASONS = ("failure", "left", "reload", "recycle", "memory", "lifetime", "hung")
 
 #: How a rolling reload ended.
 RELOAD_OUTCOMES = ("succeeded", "failed", "stopped")
@@ -866,8 +866,9 @@ class ClusterRecorder:
         @param reason: one of L{RESTART_REASONS}: C{failure} (its
             predecessor failed), C{left} (its predecessor left on its own,
             not failing: an operator's SIGTERM), C{reload}, C{recycle}
-            (C{--max-requests}, or an operator's recycle) or C{hung} (the
-            heartbeat killed its predecessor).  Another string is counted
+            (C{--max-requests}, or an operator's recycle), C{memory}
+            (C{--max-memory}), C{lifetime} (C{--max-lifetime}) or C{hung}
+            (the heartbeat killed its predecessor).  Another string is counted
             as given.
         """
         tally = self._tally(workerId)
@@ -965,6 +966,12 @@ class WorkerView(Protocol):
     def rss(self) -> Optional[int]:
         """
         Its resident memory in bytes (L{None}: not known).
+        """
+
+    @property
+    def memory(self) -> Optional[int]:
+        """
+        Its unique memory in bytes (L{None}: not known).
         """
 
 
@@ -1094,6 +1101,14 @@ class ClusterCollector:
                     "Resident memory of a worker's processes, in bytes.",
                     workers,
                     "rss",
+                )
+            )
+            families.append(
+                _byWorker(
+                    "txcluster_worker_unique_memory_bytes",
+                    "Unique memory (USS) of a worker's processes, in bytes: what --max-memory limits.",
+                    workers,
+                    "memory",
                 )
             )
         cpu = CounterMetricFamily(

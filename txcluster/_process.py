@@ -101,9 +101,13 @@ def workerEnvironment(
 ) -> dict:
     """
     The environment of a worker: the master's, plus what tells the worker
-    who it is, and a C{PYTHONPATH} under which C{txcluster} imports.
+    who it is, and a C{PYTHONPATH} under which C{txcluster} imports;
+    without what systemd told the master (C{NOTIFY_SOCKET}, C{LISTEN_FDS},
+    ...), which is the master's alone.
     """
-    env = dict(base)
+    from txcluster._systemd import removeFromEnvironment
+
+    env = removeFromEnvironment(dict(base))
     env[_commands.ENV_WORKER_ID] = str(workerId)
     env[_commands.ENV_WORKER_COUNT] = str(workerCount)
     env[_commands.ENV_CHANNEL_FD] = str(_commands.CHANNEL_FD)

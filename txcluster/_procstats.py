@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_control -*-
+# -*- test-case-name: tests.test_procstats,tests.test_control -*-
 """
 What the kernel says of a process: its resident memory and CPU time, from
 C{/proc}.  Read on demand (a status request, a scrape), never on a timer.
@@ -75,3 +75,60 @@ class UsageSampler:
 
     def forget(self, key: object) -> None:
         self._last.pop(key, None)
+
+
+@frozen
+class MemoryUsage:
+    """
+    @ivar bytes: the memory this process holds, in bytes.
+    @ivar kind: how it was measured: C{"uss"}, the unique set size (pages
+        no other process maps), or C{"rss-shared"}, the resident pages
+        that are not file-backed or shared memory, where the kernel gives
+        no USS (older kernels, another user's process); this one still
+        counts the pages a forked worker shares copy-on-write with its
+        master.
+    """
+
+    bytes: int
+    kind: str
+
+
+_PRIVATE = (b"Private_Clean:", b"Private_Dirty:", b"Private_Hugetlb:")
+
+
+def readMemory(pid: int, proc: str = "/proc") -> Optional[MemoryUsage]:
+    """
+    C{pid}'s own memory, or L{None} if it cannot be read (gone, or not
+    Linux).  Unlike L{ProcessUsage.rss}, it leaves out the libraries and
+    files other processes map too.
+    """
+    uss = _uniqueSetSize(f"{proc}/{pid}/smaps_rollup")
+    if uss is not None:
+        return MemoryUsage(uss, "uss")
+    try:
+        with open(f"{proc}/{pid}/statm", "rb") as f:
+            fields = f.read().split()
+        resident, shared = int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+    return MemoryUsage(max(0, resident - shared) * _PAGE, "rss-shared")
+
+
+def _uniqueSetSize(smapsRollup: str) -> Optional[int]:
+    """
+    The sum of C{smapsRollup}'s C{Private_*} lines, in bytes, or L{None} if
+    it cannot be read or lacks C{Private_Clean} or C{Private_Dirty}.
+    """
+    try:
+        with open(smapsRollup, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 3 and fields[0] in _PRIVATE and fields[2] == b"kB" and fields[1].isdigit():
+            found[fields[0]] = int(fields[1])
+    if not set(_PRIVATE[:2]) <= found.keys():
+        return None
+    return sum(found.values()) * 1024

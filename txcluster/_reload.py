@@ -60,6 +60,26 @@ class RollingReload:
         self._running: Optional[defer.Deferred] = None
         self._mark = 0
 
+    @property
+    def running(self) -> bool:
+        """
+        Whether a reload is under way.
+        """
+        return self._running is not None
+
+    def progress(self) -> tuple[int, int]:
+        """
+        C{(done, total)}: how many worker ids already serve with a process
+        started after the reload was asked for, out of how many there are.
+        """
+        slots = self._supervisor.slots.values()
+        done = sum(
+            1
+            for slot in slots
+            if slot.view().state == "serving" and slot.view().current.serial > self._mark
+        )
+        return done, len(slots)
+
     def request(self) -> defer.Deferred:
         """
         Ask for a reload.

@@ -45,6 +45,11 @@ class WorkerStatistics:
         in percent of one CPU.
     @ivar lag: its last heartbeat's round trip in seconds: how long its
         reactor took to answer (L{None}: none answered yet).
+    @ivar memory: its unique memory in bytes (USS, or what stands for it;
+        see L{txcluster._procstats.readMemory}), as C{--max-memory} counts
+        it (L{None}: not known).
+    @ivar recycling: why it is being, or is about to be, recycled
+        (C{memory}, C{lifetime}), if it is.
     """
 
     workerId: int
@@ -60,6 +65,8 @@ class WorkerStatistics:
     cpuSeconds: Optional[float] = None
     cpuPercent: Optional[float] = None
     lag: Optional[float] = None
+    memory: Optional[int] = None
+    recycling: Optional[str] = None
 
 
 @frozen
@@ -119,6 +126,9 @@ class ClusterStatus:
         for process in self._processes.sorted():
             slot = supervisor.slots.get(process.workerId)
             usage, cpuPercent = self._usage.sample(process, process.pid, process.forkedAt)
+            memory = supervisor.recycler.memoryOf(process)
+            if memory is None and process.pid is not None and process.phase is not Phase.DEAD:
+                memory = supervisor.recycler.readMemory(process.pid)
             if usage is not None:
                 cluster.recorder.cpu(process.workerId, process.serial, usage.cpuSeconds)
             workers.append(
@@ -136,6 +146,8 @@ class ClusterStatus:
                     cpuSeconds=None if usage is None else usage.cpuSeconds,
                     cpuPercent=cpuPercent,
                     lag=heartbeat.lag(process, now),
+                    memory=None if memory is None else memory.bytes,
+                    recycling=supervisor.recycler.reasonFor(process),
                 )
             )
         for slot in supervisor.slots.values():

@@ -19,7 +19,6 @@ from txcluster._deferreds import observe
 from txcluster._handles import HandleTable
 from txcluster._heartbeat import Heartbeat
 from txcluster._lifecycle import (
-    UnknownWorker,
     ClusterStopped,
     Drain,
     Effects,
@@ -34,6 +33,7 @@ from txcluster._lifecycle import (
 )
 from txcluster._policy import FailureWindow
 from txcluster._processes import ProcessTable
+from txcluster._recycling import Recycler
 from txcluster._reload import RollingReload
 
 _log = Logger(namespace="txcluster.master")
@@ -72,11 +72,22 @@ class Supervisor:
         self.heartbeat: Optional[Heartbeat] = None
         self._watchers: dict[Slot, list] = {}
         self._reload = RollingReload(self)
-        self._recycleTries: dict[WorkerProcess, int] = {}
+        self.recycler = Recycler(
+            self,
+            clock,
+            maxMemory=int(config.maxMemory * 1024 * 1024),
+            memoryInterval=config.memoryInterval,
+            maxLifetime=config.maxLifetime,
+            lifetimeJitter=config.maxLifetimeJitter,
+            minDelay=config.minRestartDelay,
+        )
         self._stopping: Optional[defer.Deferred] = None
         self.gaveUp = False
+        self._checkedListens = False
         #: Called with a worker id and why, each time one gets a new process.
         self.restarted: Callable[[int, str], None] = lambda workerId, reason: None
+        #: Called with how each reload request ended (C{succeeded}, ...).
+        self.reloaded: Callable[[str], None] = lambda outcome: None
         #: Called with each heartbeat's round trip.
         self.roundTrip: Callable[[float], None] = lambda seconds: None
 
@@ -118,6 +129,9 @@ class Supervisor:
     def restartDelay(self, quickDeaths: int) -> float:
         return self._restartPolicy(quickDeaths)
 
+    def emit(self, event) -> None:
+        self._emit(event)
+
     def timerFired(self, slot: Slot, event: Callable[[Slot], Effects]) -> None:
         self.run(slot, event(slot))
 
@@ -151,8 +165,18 @@ class Supervisor:
             # open for the replacement of a dead worker that nobody took
             # up again would accept connections no one will serve.
             self.handles.closeOrphans()
+            if not self._checkedListens:
+                self._checkedListens = True
+                for handle in self.handles.unused():
+                    _log.warn(
+                        "every worker is ready and none listens on {address} ({how}): its "
+                        "connections wait for a worker that does",
+                        address=handle.describe(),
+                        how="passed by systemd" if handle.inherited else "--listen",
+                    )
+        self.recycler.serving(process)
         if process.allowance.exhausted:
-            self.limitReached(process)
+            self.recycler.limitReached(process)
 
     # Starting ------------------------------------------------------------------
 
@@ -160,6 +184,7 @@ class Supervisor:
         for workerId in range(1, self.config.workers + 1):
             self._startSlot(workerId)
         self.heartbeat.start()
+        self.recycler.start()
 
     def _startSlot(self, workerId: int) -> Slot:
         slot = self.slots[workerId] = Slot(workerId, self, self.processes.new)
@@ -189,7 +214,7 @@ class Supervisor:
 
     def processEnded(self, process: WorkerProcess) -> None:
         self.heartbeat.forget(process)
-        self._recycleTries.pop(process, None)
+        self.recycler.forget(process)
         ending = process.ending
         if ending.failure is not None and self._stopping is None and not self.gaveUp:
             if self._failures.record(self._clock.seconds()):
@@ -215,81 +240,6 @@ class Supervisor:
         )
         self._giveUp(1)
 
-    # Recycling -----------------------------------------------------------------
-
-    def limitReached(self, process: WorkerProcess) -> None:
-        """
-        C{process} has been sent all the connections it may take
-        (C{--max-requests}): replace it, gated on its replacement's
-        readiness.  Meanwhile it takes connections only when no other
-        worker can (the dispatchers see its allowance).
-        """
-        slot = self.slotOf(process)
-        if slot is None or self._stopping is not None:
-            return
-        view = slot.view()
-        if view.state != "serving" or view.current is not process:
-            return
-        _log.info(
-            "{worker} was sent its {limit} connections (--max-requests): recycling it",
-            worker=process.describe(),
-            limit=process.allowance.limit,
-            workerId=process.workerId,
-            pid=process.pid,
-        )
-        done = defer.Deferred()
-        done.addCallbacks(lambda _: self._recycleTries.pop(process, None), self._recycleFailed, errbackArgs=(process,))
-        self.replace(slot, "recycle", done)
-
-    def recycle(self, workerId: int) -> defer.Deferred:
-        """
-        Replace worker C{workerId}'s process through the ready-gated path,
-        as C{--max-requests} does.
-
-        @return: a Deferred firing with C{(old, new)} processes once the
-            old one has exited, or failing with L{KeyError} (no such
-            worker), L{ReloadFailed} (the replacement failed; the old one
-            serves on) or L{ClusterStopped}.
-        """
-        slot = self.slots.get(workerId)
-        view = None if slot is None else slot.view()
-        if view is None or view.current is None or view.current.phase is Phase.DEAD:
-            return defer.fail(UnknownWorker(f"no running worker {workerId}"))
-        if self._stopping is not None:
-            return defer.fail(ClusterStopped("the cluster is stopping"))
-        old = view.current
-        done = defer.Deferred()
-        self.replace(slot, "recycle", done)
-
-        def replaced(_):
-            new = slot.view().current
-            return observe(old.exited).addCallback(lambda _: (old, new))
-
-        return done.addCallback(replaced)
-
-    def _recycleFailed(self, failure: Failure, process: WorkerProcess) -> None:
-        # The worker serves on, over its limit, and the dispatchers send it
-        # nothing while another worker can take connections: try again on
-        # a timer, backing off like a respawn (each failed boot counts
-        # towards --max-restarts anyway).
-        tries = self._recycleTries[process] = self._recycleTries.get(process, 0) + 1
-        delay = max(self.config.minRestartDelay, self._restartPolicy(tries))
-        if failure.check(ClusterStopped):
-            return
-        _log.error(
-            "recycling worker {workerId} failed: {why}; trying again in {delay}",
-            workerId=process.workerId,
-            why=failure.getErrorMessage(),
-            delay=seconds(delay),
-        )
-        self._clock.callLater(delay, self._retryRecycle, process)
-
-    def _retryRecycle(self, process: WorkerProcess) -> None:
-        if process.phase is Phase.DEAD:
-            self._recycleTries.pop(process, None)
-            return
-        self.limitReached(process)
-
     # Reloading -----------------------------------------------------------------
 
     def reload(self) -> defer.Deferred:
@@ -298,7 +248,30 @@ class Supervisor:
         """
         if self._stopping is not None:
             return defer.fail(ClusterStopped("the cluster is stopping"))
-        return self._reload.request()
+        joined = self._reload.running
+        if not joined:
+            self._emit(_events.ReloadStarted(len(self.slots)))
+
+        def outcome(result):
+            if not isinstance(result, Failure):
+                finished = _events.ReloadFinished("succeeded")
+            elif result.check(ClusterStopped):
+                finished = _events.ReloadFinished("stopped", result.getErrorMessage())
+            else:
+                finished = _events.ReloadFinished("failed", result.getErrorMessage())
+            self.reloaded(finished.outcome)
+            if not joined:
+                self._emit(finished)
+            return result
+
+        return self._reload.request().addBoth(outcome)
+
+    @property
+    def reloading(self) -> bool:
+        return self._reload.running
+
+    def reloadProgress(self) -> tuple[int, int]:
+        return self._reload.progress()
 
     def stopping(self) -> bool:
         return self._stopping is not None
@@ -400,6 +373,7 @@ class Supervisor:
         )
         self.processes.stopping = True
         self.heartbeat.stop()
+        self.recycler.stop()
         deadline = self._clock.seconds() + self.config.gracefulTimeout
         # Every slot stops now (nothing respawns, nobody waits for a ready
         # worker any more); its processes are asked to leave once the

@@ -20,12 +20,12 @@ SCHEDULING_CHOICES = ("rr", "shared", "least-busy")
 
 def usableCPUs() -> int:
     """
-    The CPUs this process may run on (its affinity), at least 1.
+    The CPUs this process may use: its scheduler affinity, bounded by its
+    cgroup's CPU quota; at least 1.
     """
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    from txcluster._cgroups import cpuBudget
+
+    return cpuBudget().count
 
 
 def _number(kind, minimum, what):
@@ -71,7 +71,7 @@ class Options(usage.Options):
 
     optParameters = [
         ["app", "a", None, "The .tac or .py file that defines `application` (required)."],
-        ["workers", "w", None, "Number of worker processes [default: usable CPUs]."],
+        ["workers", "w", "auto", "Number of worker processes, or auto: the CPUs this process may use (affinity and cgroup CPU quota)."],
         ["scheduling", "s", "rr", "How connections reach workers: rr, shared or least-busy."],
         ["graceful-timeout", None, "30", "Seconds a leaving worker may take to finish its connections and stop its app."],
         ["start-timeout", None, "30", "Seconds a new worker may take to become ready (0: no limit)."],
@@ -81,6 +81,10 @@ class Options(usage.Options):
         ["reload-concurrency", None, "1", "How many workers a reload (SIGHUP) replaces at once."],
         ["max-requests", None, "0", "Recycle a worker once it was sent this many connections (0: never; rr and least-busy only)."],
         ["max-requests-jitter", None, "0", "Add a random 0..N to --max-requests per worker."],
+        ["max-memory", None, "0", "Recycle a worker whose unique memory (USS) stays above this many MiB for 3 samples in a row (0: never)."],
+        ["memory-interval", None, "5", "Seconds between two samples of the workers' memory (--max-memory)."],
+        ["max-lifetime", None, "0", "Recycle a worker process after it served this many seconds (0: never)."],
+        ["max-lifetime-jitter", None, "0", "Add a random 0..N seconds to --max-lifetime per worker process."],
         ["user", "u", None, "Run the workers as this user (name or uid) [default: the master's]."],
         ["group", "g", None, "Run the workers with this group (name or gid) [default: the user's]."],
         ["control", None, None, "The control socket the txcluster command talks to [default: $RUNTIME_DIRECTORY/txcluster.sock under systemd, else ./txcluster.sock]."],
@@ -135,6 +139,10 @@ class Options(usage.Options):
         "reload-concurrency": _positiveInt,
         "max-requests": _count,
         "max-requests-jitter": _count,
+        "max-memory": _number(float, 0, "a number of MiB, 0 or more"),
+        "memory-interval": _number(float, 0.1, "a number of seconds, at least 0.1"),
+        "max-lifetime": _seconds,
+        "max-lifetime-jitter": _seconds,
         "drain-delay": _seconds,
     }
 
@@ -142,8 +150,12 @@ class Options(usage.Options):
         # Checking --control and --metrics imports what loads pyOpenSSL
         # (AMP, endpoints): keep it out of the master from here on.
         leaveOutTLS()
-        if self["workers"] is None:
-            self["workers"] = str(usableCPUs())
+        self["workers-source"] = None
+        if self["workers"] == "auto":
+            from txcluster._cgroups import cpuBudget
+
+            budget = cpuBudget()
+            self["workers"], self["workers-source"] = str(budget.count), budget.source
         for name, coerce in self._coercions.items():
             try:
                 self[name] = coerce(self[name])
@@ -191,10 +203,12 @@ class Options(usage.Options):
                     declared = parse(value)
                 except BadListenDescription as e:
                     raise usage.UsageError(f"--{option} {e}")
-                if option == "listen" and self["max-requests"] and not declared.key.isStream:
+                if option == "listen" and self["max-requests"] and not declared.isStream:
                     from txcluster._policy import MAX_REQUESTS_DATAGRAMS
 
                     raise usage.UsageError(f"--listen {value}: {MAX_REQUESTS_DATAGRAMS}")
+                if option == "listen":
+                    checkInherited(value, declared)
         from txcluster._access import workerIdentity
 
         try:
@@ -219,6 +233,25 @@ def checkApp(path) -> str:
     if not os.access(absolute, os.R_OK):
         raise usage.UsageError(f"--app {path!r}: not readable")
     return absolute
+
+
+def checkInherited(description: str, declared) -> None:
+    """
+    A C{--listen systemd:...} must name a socket systemd passed.
+
+    @raise usage.UsageError: naming C{--listen} and what is wrong.
+    """
+    from txcluster._access import Inherited
+
+    if not isinstance(declared, Inherited):
+        return
+    from txcluster._systemd import InheritedSocketError, inheritSocket
+
+    try:
+        # (No reactor: twistd installs --reactor after the options.)
+        inheritSocket(None, declared, os.environ).sock.detach()
+    except InheritedSocketError as e:
+        raise usage.UsageError(str(e))
 
 
 def checkControlPath(path: str) -> str:
@@ -280,6 +313,10 @@ def configFromOptions(options: Options):
         reloadConcurrency=options["reload-concurrency"],
         maxRequests=options["max-requests"],
         maxRequestsJitter=options["max-requests-jitter"],
+        maxMemory=options["max-memory"],
+        memoryInterval=options["memory-interval"],
+        maxLifetime=options["max-lifetime"],
+        maxLifetimeJitter=options["max-lifetime-jitter"],
         listens=options["listen"],
         allowListen=options["allow-listen"],
         user=options["user"],
@@ -396,12 +433,41 @@ class _Master(service.MultiService):
     def __init__(self, appPath: str) -> None:
         super().__init__()
         self._appPath = appPath
+        self._privileged = False
 
     def privilegedStartService(self) -> None:
         from txcluster._workermain import setProcessTitle
 
+        self._privileged = True
         setProcessTitle(f"txcluster master [{os.path.basename(self._appPath)}]")
         super().privilegedStartService()
+
+    def startService(self) -> None:
+        # twist (unlike twistd) starts services without their privileged
+        # start: binding --listen first keeps the same order (a bind
+        # error before the control socket exists) and names the process.
+        if not self._privileged:
+            self.privilegedStartService()
+        super().startService()
+
+
+def logResources(options: Options) -> None:
+    """
+    Log where C{--workers} came from when it was C{auto}, and the memory
+    the cgroup allows.
+    """
+    from twisted.logger import Logger
+
+    from txcluster._cgroups import memoryLimit
+
+    log = Logger(namespace="txcluster.master")
+    if options.get("workers-source"):
+        log.info(
+            "--workers auto: {count} ({source})", count=options["workers"], source=options["workers-source"]
+        )
+    limit = memoryLimit()
+    if limit is not None:
+        log.info("the cgroup allows {limit:.0f} MiB of memory for the master and all its workers", limit=limit / 2**20)
 
 
 def leaveOutTLS() -> None:
@@ -428,6 +494,7 @@ def makeService(options: Options) -> service.IService:
     cluster = ClusterService(configFromOptions(options))
     top = _Master(options["app"])
     signals = SignalControl(cluster)
+    logResources(options)
     # The control socket and the metrics endpoint start before the cluster
     # (one that cannot be served fails the start before a worker forks)
     # and stop once its stop is over.
@@ -441,6 +508,13 @@ def makeService(options: Options) -> service.IService:
 
         MetricsServer(cluster, options["metrics"]).setServiceParent(top)
     cluster.setServiceParent(top)
+    from txcluster._systemd import SystemdNotify, notifyAddress
+
+    address = notifyAddress(os.environ)
+    if address is not None:
+        from txcluster._systemd import Notifier
+
+        SystemdNotify(cluster, Notifier(address), dict(os.environ)).setServiceParent(top)
     signals.setServiceParent(top)
     signals.keepEarlySignals()
     return top
