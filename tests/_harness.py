@@ -238,6 +238,11 @@ class MasterProcess:
     """
     C{twistd -n txcluster ...} as a child of the test, with its log on
     stdout.
+
+    @param launcher: a command that runs the rest of the command line (as
+        systemd's socket activation would: it C{exec}s it).
+    @param runner: C{twistd}, or C{twist} (C{twistdArgs} are then
+        C{twist}'s options).
     """
 
     def __init__(
@@ -247,6 +252,8 @@ class MasterProcess:
         env: Optional[dict] = None,
         twistdArgs: tuple = (),
         executable: str = sys.executable,
+        launcher: tuple = (),
+        runner: str = "twistd",
     ) -> None:
         self.output = _MasterOutput()
         environment = dict(os.environ)
@@ -261,18 +268,22 @@ class MasterProcess:
             testCase.addCleanup(shutil.rmtree, directory, True)
             self.control = os.path.join(directory, "txcluster.sock")
             args = ["--control", self.control] + list(args)
-        argv = [
-            executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "--pidfile=",
-            "--logfile=-",
-            "-n",
-            *twistdArgs,
-            "txcluster",
-        ] + args
+        if runner == "twist":
+            argv = [executable, "-m", "twisted", *twistdArgs, "txcluster"] + args
+        else:
+            argv = [
+                executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--pidfile=",
+                "--logfile=-",
+                "-n",
+                *twistdArgs,
+                "txcluster",
+            ] + args
+        argv = list(launcher) + argv
         self.transport = reactor.spawnProcess(
-            self.output, executable, argv, env=environment, childFDs={0: "w", 1: "r", 2: "r"}
+            self.output, argv[0], argv, env=environment, childFDs={0: "w", 1: "r", 2: "r"}
         )
         self.pid = self.transport.pid
         testCase.addCleanup(self.cleanUp)

@@ -18,7 +18,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from tests._harness import ROOT, MasterProcess, app, tcp, whoami, workerOf
+from tests._harness import APPS, ROOT, MasterProcess, app, tcp, whoami, workerOf
 
 USER = "txcluster-test"
 
@@ -102,7 +102,7 @@ class UnprivilegedUser:
             return (probe.stderr.decode().strip().splitlines() or ["failed"])[-1]
         return None
 
-    def master(self, testCase, args, env=None, twistdArgs=()):
+    def master(self, testCase, args, env=None, twistdArgs=(), launcher=()):
         environment = dict(env or {}, PYTHONPATH=self.pythonpath)
         if "--uid" in twistdArgs:
             # The master binds its control socket once it runs as the user:
@@ -111,7 +111,9 @@ class UnprivilegedUser:
             testCase.addCleanup(shutil.rmtree, directory, True)
             os.chown(directory, self.entry.pw_uid, self.entry.pw_gid)
             args = ["--control", os.path.join(directory, "txcluster.sock")] + list(args)
-        return MasterProcess(testCase, args, env=environment, twistdArgs=twistdArgs, executable=self.python)
+        return MasterProcess(
+            testCase, args, env=environment, twistdArgs=twistdArgs, executable=self.python, launcher=launcher
+        )
 
 
 class PrivilegeTests(unittest.TestCase):
@@ -146,6 +148,30 @@ class PrivilegeTests(unittest.TestCase):
             r"may not listen on tcp:127\.0\.0\.1:0: the master is privileged and the workers "
             r"are not, so only the listens declared with --listen are allowed",
         )
+
+    async def test_socketActivationNeedsNoPrivilege(self):
+        """
+        Under socket activation the master needs no privilege at all: the
+        launcher (systemd) binds the privileged port as root and runs the
+        master as the user (C{User=}); master and workers run as the user
+        and serve the port.
+        """
+        unprivileged = UnprivilegedUser(self)
+        user = unprivileged.entry
+        port = _privilegedPort()
+        launcher = (unprivileged.python, os.path.join(APPS, "activate.py"), f"web=127.0.0.1:{port}", "--")
+        master = unprivileged.master(
+            self,
+            ["--app", app("whoami.tac"), "--workers", "2", "--no-control", "--listen", "systemd:domain=INET:name=web"],
+            env={"WHOAMI_LISTEN": f"tcp:{port}:interface=127.0.0.1", "ACTIVATE_USER": USER},
+            launcher=launcher,
+        )
+        await master.waitFor(r"worker \d \(pid \d+\) ready", count=2)
+        self.assertIn(f"serving tcp:127.0.0.1:{port} passed by systemd", master.output.text())
+        self.assertEqual(_uid(master.pid), user.pw_uid)
+        for pid in master.workerPids().values():
+            self.assertEqual(_uid(pid), user.pw_uid)
+        self.assertEqual({workerOf(await whoami(tcp(port))) for _ in range(4)}, {1, 2})
 
     async def test_allowListenOpensMore(self):
         """

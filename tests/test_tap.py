@@ -40,6 +40,37 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.app, app("web.tac"))
         self.assertEqual((config.drainDelay, config.minReady), (0.0, None))
         self.assertEqual((options["control"], options["no-control"], options["metrics"]), (None, False, None))
+        self.assertEqual((config.maxMemory, config.memoryInterval), (0.0, 5.0))
+        self.assertEqual((config.maxLifetime, config.maxLifetimeJitter), (0.0, 0.0))
+
+    def test_workersAuto(self):
+        """
+        C{--workers auto} (the default) is the CPU budget of
+        L{txcluster._cgroups.cpuBudget}, and says where it came from.
+        """
+        from txcluster import _cgroups
+
+        self.patch(_cgroups, "cpuBudget", lambda: _cgroups.CPUBudget(3, "a quota of 3 CPUs"))
+        for args in ((), ("--workers", "auto")):
+            options = parse("--app", app("web.tac"), *args)
+            self.assertEqual((options["workers"], options["workers-source"]), (3, "a quota of 3 CPUs"))
+        options = parse("--app", app("web.tac"), "--workers", "5")
+        self.assertEqual((options["workers"], options["workers-source"]), (5, None))
+
+    def test_recyclingOptions(self):
+        """
+        C{--max-memory}, C{--memory-interval}, C{--max-lifetime} and
+        C{--max-lifetime-jitter} reach the config.
+        """
+        options = parse(
+            "--app", app("web.tac"), "--max-memory", "512", "--memory-interval", "2.5",
+            "--max-lifetime", "3600", "--max-lifetime-jitter", "600",
+        )
+        config = tap.configFromOptions(options)
+        self.assertEqual(
+            (config.maxMemory, config.memoryInterval, config.maxLifetime, config.maxLifetimeJitter),
+            (512.0, 2.5, 3600.0, 600.0),
+        )
 
     def test_operationsOptions(self):
         """
@@ -111,6 +142,15 @@ class OptionsTests(SynchronousTestCase):
             (["--metrics", "nonsense:9100"], "--metrics"),
             (["--metrics", "tcp:port"], "--metrics"),
             (["--metrics", "ssl:9443"], "--metrics"),
+            (["--workers", "automatic"], "--workers"),
+            (["--max-memory", "-1"], "--max-memory"),
+            (["--max-memory", "lots"], "--max-memory"),
+            (["--memory-interval", "0"], "--memory-interval"),
+            (["--max-lifetime", "-1"], "--max-lifetime"),
+            (["--max-lifetime", "inf"], "--max-lifetime"),
+            (["--max-lifetime-jitter", "x"], "--max-lifetime-jitter"),
+            (["--listen", "systemd:domain=INET"], "--listen"),
+            (["--listen", "systemd:domain=INET:index=0"], "--listen systemd:domain=INET:index=0"),
         ]:
             with self.assertRaises(usage.UsageError) as e:
                 parse("--app", app("web.tac"), *args)

@@ -127,17 +127,21 @@ def monotonicUsec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
-def describeStatus(cluster) -> str:
+def describeStatus(cluster, stopping: bool = False, starting: Optional[int] = None) -> str:
     """
     The C{STATUS=} line for the cluster now: what C{systemctl status}
     shows.
+
+    @param stopping: the cluster begins to stop (it may not say so yet).
+    @param starting: a reload of this many workers begins (it may not
+        run yet).
     """
     statistics = cluster.statistics()
     handed = sum(w.handed for w in statistics.workers)
     connections = "connection" if handed == 1 else "connections"
-    if cluster.stopping:
+    if stopping or cluster.stopping:
         return f"stopping: draining {sum(1 for w in statistics.workers if w.pid is not None)} worker processes"
-    progress = cluster.reloadProgress()
+    progress = (0, starting) if starting is not None else cluster.reloadProgress()
     ready = f"{statistics.ready}/{statistics.workerCount} workers ready"
     if progress is not None:
         return f"reloading {progress[0]}/{progress[1]}; {ready}, {handed} {connections} handed"
@@ -175,12 +179,13 @@ class SystemdNotify(service.Service):
         self._pendingStatus = None
         self._lastStatus: Optional[str] = None
         self._why: Optional[str] = None
+        self._stopping = False
 
     def startService(self) -> None:
         super().startService()
         clock = self._cluster.reactor
         self._cluster.addObserver(self._event)
-        self._notifier.send(MAINPID=self._pid, STATUS=f"starting {self._cluster.workerCount()} workers")
+        self._notifier.send(MAINPID=self._pid, STATUS=f"starting {self._cluster.config.workers} workers")
         _log.info(
             "telling systemd about the cluster on {address}{watchdog}",
             address=self._notifier.address.replace("\0", "@"),
@@ -195,8 +200,16 @@ class SystemdNotify(service.Service):
             loop.start(interval, now=False)
             self._loops.append(loop)
 
-    def stopService(self) -> None:
+    def stopService(self):
+        """
+        Keep telling systemd until the cluster's stop is over (C{STATUS}
+        while the workers drain); systemd stops its watchdog once the stop
+        begins.
+        """
         super().stopService()
+        return self._cluster.whenStopped().addBoth(lambda _: self._close())
+
+    def _close(self) -> None:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -209,12 +222,13 @@ class SystemdNotify(service.Service):
     def _event(self, event) -> None:
         cluster = self._cluster
         if isinstance(event, _events.ClusterStopping):
+            self._stopping = True
             self._notifier.send(STOPPING=1, STATUS=self._status())
             return
-        if isinstance(event, _events.ReloadStarted) and self._announced and not cluster.stopping:
+        if isinstance(event, _events.ReloadStarted) and self._announced and not self._stopping:
             self._reloading = True
             self._why = None
-            self._notifier.send(RELOADING=1, MONOTONIC_USEC=monotonicUsec(), STATUS=self._status())
+            self._notifier.send(RELOADING=1, MONOTONIC_USEC=monotonicUsec(), STATUS=self._status(event.workers))
             return
         if isinstance(event, _events.ReloadFinished) and self._reloading:
             self._reloading = False
@@ -231,9 +245,9 @@ class SystemdNotify(service.Service):
             return
         self._scheduleStatus()
 
-    def _status(self) -> str:
-        text = describeStatus(self._cluster)
-        if self._why is not None and not self._reloading and not self._cluster.stopping:
+    def _status(self, reloading: Optional[int] = None) -> str:
+        text = describeStatus(self._cluster, self._stopping, reloading)
+        if self._why is not None and not self._reloading and not self._stopping:
             text = f"{self._why}; {text}"
         self._lastStatus = text
         return text

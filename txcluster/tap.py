@@ -495,9 +495,9 @@ def makeService(options: Options) -> service.IService:
     top = _Master(options["app"])
     signals = SignalControl(cluster)
     logResources(options)
-    # The control socket and the metrics endpoint start before the cluster
-    # (one that cannot be served fails the start before a worker forks)
-    # and stop once its stop is over.
+    # The control socket, the metrics endpoint and systemd's notify start
+    # before the cluster (one that cannot be served fails the start before
+    # a worker forks) and stop once its stop is over.
     if not options["no-control"]:
         from txcluster._control import ControlServer, defaultControlPath
 
@@ -507,14 +507,14 @@ def makeService(options: Options) -> service.IService:
         from txcluster._health import MetricsServer
 
         MetricsServer(cluster, options["metrics"]).setServiceParent(top)
-    cluster.setServiceParent(top)
-    from txcluster._systemd import SystemdNotify, notifyAddress
+    from txcluster._systemd import notifyAddress
 
     address = notifyAddress(os.environ)
     if address is not None:
-        from txcluster._systemd import Notifier
+        from txcluster._systemd import Notifier, SystemdNotify
 
         SystemdNotify(cluster, Notifier(address), dict(os.environ)).setServiceParent(top)
+    cluster.setServiceParent(top)
     signals.setServiceParent(top)
     signals.keepEarlySignals()
     return top
