@@ -129,6 +129,23 @@ class LifetimeTests(RecyclingTestsMixin, SynchronousTestCase):
         self.worker(1).start()
         self.assertTrue(old.disconnectRequested)
 
+    def test_brokenDeployDoesNotGiveUp(self) -> None:
+        """
+        Replacements that keep failing (the code on disk is broken) leave
+        the old process serving, however many: they do not count towards
+        C{maxRestarts}, so the master does not give up on healthy workers.
+        """
+        self.readyCluster(1, maxLifetime=1, maxRestarts=1)
+        old = self.worker(1)
+        for attempt in range(4):
+            self.advance(40)
+            replacement = self.worker(1)
+            self.assertIsNot(replacement, old)
+            replacement.exit(1)
+        self.assertEqual(self.gaveUp, [])
+        self.assertEqual(self.spawner.running(), [old])
+        self.assertEqual(self.cluster.statistics().failures, 0)
+
     def test_stopCancels(self) -> None:
         """
         Once the cluster stops, no lifetime replaces anything.

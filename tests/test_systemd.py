@@ -265,20 +265,20 @@ class NotifyTests(ClusterTestsMixin, SynchronousTestCase):
         self.worker(2).start()
         received(sock)
         self.cluster.stopService()
-        self.assertEqual(received(sock)[0], {"STOPPING": "1", "STATUS": "stopping: draining 2 worker processes"})
+        self.assertEqual(received(sock)[0], {"STOPPING": "1", "STATUS": "stopping: 2 worker processes to finish"})
 
     def test_statusRefresh(self) -> None:
         """
         C{STATUS} is refreshed every L{_systemd.STATUS_INTERVAL} seconds
-        when it changed (the count of handed connections), and not sent
-        again when it did not.
+        when it changed (the count of connections handed since the master
+        started), and not sent again when it did not.
         """
         sock = self.notifying(workers=1)
         self.worker(1).start()
         received(sock)
         self.reactor.advance(_systemd.STATUS_INTERVAL)
         self.assertEqual(received(sock), [])
-        self.cluster._supervisor.slots[1].view().current.handed = 3
+        self.cluster.recorder.handed(1, 3)
         self.reactor.advance(_systemd.STATUS_INTERVAL)
         self.assertEqual(received(sock), [{"STATUS": "1/1 workers ready, 3 connections handed"}])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.logger import eventFromJSON, formatEvent
 from twisted.trial import unittest
 
-from tests._harness import APPS, MasterProcess, RecordingLoad, app, freePort, pidAlive, sleep
+from tests._harness import APPS, MasterProcess, RecordingLoad, app, freePort, pidAlive, sleep, tcp, whoami, workerOf
 from tests.test_lifecycle_integration import observe
 from tests.test_operations_integration import ended
 
@@ -220,6 +221,39 @@ class SocketActivationTests(unittest.TestCase):
         for name in ("PYTHONPATH", "COUNTING_PORT", "PATH", "HOME"):
             launcher += ["-E", name]
         return defer.ensureDeferred(self._activated(tuple(launcher), port, "Listening on"))
+
+    def test_dualStack(self):
+        """
+        systemd's C{ListenStream=PORT} is a dual-stack C{[::]:PORT} socket:
+        an app listening on C{tcp:PORT} (all IPv4 interfaces) shares it,
+        and IPv4 clients are served, in C{rr} and in C{shared} mode.
+        """
+        if not socket.has_ipv6:
+            raise unittest.SkipTest("no IPv6 here")
+
+        async def run(scheduling):
+            port = freePort()
+            launcher = (sys.executable, os.path.join(APPS, "activate.py"), f"web=[::]:{port}", "--")
+            master = MasterProcess(
+                self,
+                ["--app", app("whoami.tac"), "--workers", "2", "--scheduling", scheduling,
+                 "--listen", "systemd:domain=INET6:name=web"],
+                env={"WHOAMI_LISTEN": f"tcp:{port}", "WHOAMI_CLOSE": "1"},
+                launcher=launcher,
+            )
+            await master.waitFor(READY, 2)
+            self.assertIn(f"serving tcp:[::]:{port} passed by systemd", master.output.text())
+            seen = {workerOf(await whoami(tcp(port))) for _ in range(8)}
+            self.assertEqual(seen, {1, 2}, master.output.text())
+            self.assertNotIn("could not adopt", master.output.text())
+            master.signal("TERM")
+            self.assertEqual(await ended(master), (0, None))
+
+        async def both():
+            await run("rr")
+            await run("shared")
+
+        return defer.ensureDeferred(both())
 
     def test_nothingPassed(self):
         """

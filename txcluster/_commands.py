@@ -194,7 +194,9 @@ class QueryServer(amp.Command):
     handles (and always for UDP) the answer carries the listening socket,
     which the worker adopts.
 
-    C{kind} is one of C{tcp4}, C{tcp6}, C{unix}, C{udp4}, C{udp6}.
+    C{kind} is one of C{tcp4}, C{tcp6}, C{unix}, C{udp4}, C{udp6}.  The
+    answer's C{kind} is the socket's own, which differs when a dual-stack
+    C{[::]} socket (systemd's) serves a C{0.0.0.0} listen: C{tcp6}.
     """
 
     arguments = [
@@ -211,6 +213,7 @@ class QueryServer(amp.Command):
         (b"host", amp.Unicode()),
         (b"port", amp.Integer()),
         (b"fd", amp.Descriptor(optional=True)),
+        (b"kind", amp.Unicode(optional=True)),
     ]
     errors = {
         BindFailed: b"BIND_FAILED",

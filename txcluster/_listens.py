@@ -114,6 +114,7 @@ class ListenBroker:
             "host": handle.host,
             "port": handle.port,
             "fd": handle.sock.fileno() if handle.dispatcher is None else None,
+            "kind": handle.key.kind,
         }
 
     def _refuse(self, process: WorkerProcess, key: ListenKey, reason: str) -> None:
@@ -250,12 +251,13 @@ def declareListens(table: HandleTable, declared: list, reactor, environ) -> list
             raise
         keys.append(d.key)
         _log.info("declared {address} (--listen {description})", address=handle.describe(), description=d.description)
-    for fileno, name in passedDescriptors(reactor, environ) if any(isinstance(d, Inherited) for d in declared) else ():
+    for fileno, name, domain in passedDescriptors(reactor, environ):
         if fileno not in used:
             _log.warn(
                 "systemd passed descriptor {fileno} (name {name}) and no --listen names it: "
-                "it is not served (add --listen systemd:domain=INET:name={name})",
+                "it is not served (add --listen systemd:domain={domain}:name={name})",
                 fileno=fileno,
                 name=name,
+                domain=domain,
             )
     return keys

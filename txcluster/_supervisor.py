@@ -217,7 +217,22 @@ class Supervisor:
         self.recycler.forget(process)
         ending = process.ending
         if ending.failure is not None and self._stopping is None and not self.gaveUp:
-            if self._failures.record(self._clock.seconds()):
+            slot = self.slotOf(process)
+            view = None if slot is None else slot.view()
+            if view is not None and view.state == "replacing" and view.successor is process:
+                # A replacement (a reload's, a recycling's) that failed
+                # while the process it was to replace serves on: the
+                # cluster lost nothing, so this does not count towards
+                # giving up (which would stop the healthy workers).
+                _log.warn(
+                    "{worker}, a replacement, {how}; {current} serves on (not counted towards --max-restarts)",
+                    worker=process.describe(),
+                    how=ending.failure,
+                    current=view.current.describe(),
+                    workerId=process.workerId,
+                    pid=process.pid,
+                )
+            elif self._failures.record(self._clock.seconds()):
                 self._gaveUpOn(process)
         self.processLost(process)
 

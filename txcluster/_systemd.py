@@ -137,10 +137,12 @@ def describeStatus(cluster, stopping: bool = False, starting: Optional[int] = No
         run yet).
     """
     statistics = cluster.statistics()
-    handed = sum(w.handed for w in statistics.workers)
+    # Since the master started (a reload does not take it back).
+    handed = sum(cluster.recorder.statistics().handed.values())
     connections = "connection" if handed == 1 else "connections"
     if stopping or cluster.stopping:
-        return f"stopping: draining {sum(1 for w in statistics.workers if w.pid is not None)} worker processes"
+        running = sum(1 for w in statistics.workers if w.pid is not None)
+        return f"stopping: {running} worker {'process' if running == 1 else 'processes'} to finish"
     progress = (0, starting) if starting is not None else cluster.reloadProgress()
     ready = f"{statistics.ready}/{statistics.workerCount} workers ready"
     if progress is not None:
@@ -299,9 +301,10 @@ def _endpoint(reactor, description: str):
     return endpoints.serverFromString(reactor, description)
 
 
-def passedDescriptors(reactor, environ: Mapping[str, str]) -> list[tuple[int, str]]:
+def passedDescriptors(reactor, environ: Mapping[str, str]) -> list[tuple[int, str, str]]:
     """
-    Every socket systemd passed to this process: C{(fileno, name)}.
+    Every socket systemd passed to this process: C{(fileno, name,
+    domain)}, the domain as C{--listen systemd:domain=} names it.
     """
     names = environ.get("LISTEN_FDNAMES", "").split(":")
     passed = []
@@ -310,7 +313,13 @@ def passedDescriptors(reactor, environ: Mapping[str, str]) -> list[tuple[int, st
             endpoint = _endpoint(reactor, f"systemd:domain=INET:index={index}")
         except IndexError:
             break
-        passed.append((endpoint.fileno, names[index] if index < len(names) and names[index] else "unknown"))
+        try:
+            family = socket.socket(fileno=endpoint.fileno)
+            domain = {socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}.get(family.family, "INET")
+            family.detach()
+        except OSError:
+            domain = "INET"
+        passed.append((endpoint.fileno, names[index] if index < len(names) and names[index] else "unknown", domain))
     return passed
 
 
@@ -321,7 +330,7 @@ def _missing(inherited: Inherited, passed: list) -> str:
             "it: start it from a .socket unit, or with systemd-socket-activate, and run twistd "
             "with --nodaemon)"
         )
-    which = ", ".join(f"index={i} name={name}" for i, (_, name) in enumerate(passed))
+    which = ", ".join(f"index={i} name={name}" for i, (_, name, _) in enumerate(passed))
     return f"systemd passed no such socket; it passed {which}"
 
 

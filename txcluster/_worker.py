@@ -316,9 +316,13 @@ class Worker:
         """
         A stream listen (TCP, TLS over TCP, UNIX) through the master.
         """
-        family = {"tcp4": socket.AF_INET, "tcp6": socket.AF_INET6, "unix": socket.AF_UNIX}[kind]
+        families = {"tcp4": socket.AF_INET, "tcp6": socket.AF_INET6, "unix": socket.AF_UNIX}
 
         def makePort(answer):
+            # The socket's own kind: a dual-stack [::] socket may serve a
+            # 0.0.0.0 listen.
+            served = answer.get("kind") or kind
+            family = families[served]
             if answer["scheduling"] == "shared":
                 tracked = trackingFactory(factory, self.tracker)
                 if family == socket.AF_UNIX:
@@ -326,7 +330,7 @@ class Worker:
                 else:
                     realPort = self.reactor.adoptStreamPort(answer["fd"], family, tracked)
                 return AdoptedPort(self, answer["listenId"], realPort)
-            host = _address(kind, answer["host"], answer["port"])
+            host = _address(served, answer["host"], answer["port"])
             p = DispatchedPort(self, answer["listenId"], family, factory, host)
             p.startListening()
             return p

@@ -108,7 +108,8 @@ class Options(usage.Options):
 
     opt_listen.__doc__ = (
         "Bind this endpoint (strports syntax: tcp:80, unix:/run/app.sock, udp:53) in the "
-        "master at start-up, before twistd drops privileges; workers that listen on it "
+        "master at start-up, before twistd drops privileges, or serve a socket systemd "
+        "passed (systemd:domain=INET:name=web); workers that listen on its address "
         "share it. Repeatable."
     )
 
