@@ -6,7 +6,9 @@ Two listening ports, both on 127.0.0.1:
 
   - C{$BENCH_HTTP_PORT}: a minimal HTTP/1.1 responder (C{hello\\n}, keep-alive
     unless the request says C{Connection: close}).  Every response carries
-    C{X-Worker: <pid>}.  C{/slow} answers after a non-blocking 50-200 ms
+    C{X-Worker: <pid>}.  C{/cpu} first computes C{$BENCH_CPU_ITERATIONS}
+    rounds of PBKDF2-SHA256 (about 1 ms of CPU: run.py calibrates the count;
+    the CPU-bound workload).  C{/slow} answers after a non-blocking 50-200 ms
     (C{deferLater}); C{/block} blocks the process for 2-10 ms of CPU first
     (a handler that does synchronous work); C{/stall} blocks the reactor for
     20-60 ms in a sleeping synchronous call; C{/chunk} does 4-20 ms of CPU in
@@ -24,6 +26,7 @@ measures connection dispatch rather than HTTP parsing in Python; pass
 C{BENCH_APP=web} to serve the same paths with C{twisted.web} instead.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -37,6 +40,7 @@ HTTP_PORT = int(os.environ.get("BENCH_HTTP_PORT", "8080"))
 FLOOD_PORT = int(os.environ.get("BENCH_FLOOD_PORT", "8081"))
 STATS_DIR = os.environ.get("BENCH_STATS_DIR", "")
 APP_KIND = os.environ.get("BENCH_APP", "raw")
+CPU_ITERATIONS = int(os.environ.get("BENCH_CPU_ITERATIONS", "2000"))
 INTERFACE = "127.0.0.1"
 PID = os.getpid()
 PID_BYTES = str(PID).encode()
@@ -78,6 +82,12 @@ def stallForAWhile():
     # 20-60 ms blocked in a synchronous call (a slow database driver, say):
     # the worker's reactor does nothing else meanwhile.
     time.sleep(random.uniform(0.020, 0.060))
+
+
+def computeForAWhile():
+    # A fixed amount of work, not a fixed time: a process that shares its
+    # core gets slower, which is what the scaling ratios measure.
+    hashlib.pbkdf2_hmac("sha256", b"txcluster", b"benchmark", CPU_ITERATIONS)
 
 
 def blockForAWhile():
@@ -127,7 +137,9 @@ class Http(protocol.Protocol):
                 self._busy = True
                 self._chunks(random.randint(4, 20), close)
                 return
-            if path.startswith(b"/block"):
+            if path.startswith(b"/cpu"):
+                computeForAWhile()
+            elif path.startswith(b"/block"):
                 blockForAWhile()
             elif path.startswith(b"/stall"):
                 stallForAWhile()
@@ -209,7 +221,9 @@ def webSite():
 
                 chunk(random.randint(4, 20))
                 return server.NOT_DONE_YET
-            if request.path.startswith(b"/block"):
+            if request.path.startswith(b"/cpu"):
+                computeForAWhile()
+            elif request.path.startswith(b"/block"):
                 blockForAWhile()
             return b"hello\n"
 

@@ -21,6 +21,9 @@ Public names (everything else is private):
     serve a L{ClusterService}, beside it in one's own service tree.
   - L{ReloadFailed}, L{ClusterStopped}: why a C{reload()} or C{scale()}
     failed.
+  - L{currentAgent}, L{Agent}, L{AgentUnavailable}, L{AgentFailed}: the
+    agent process (C{--agent}) and the messenger between it and the
+    workers (C{Worker.askAgent}).
   - L{currentWorker}, L{Worker}: in a worker, who it is and how it talks
     to the master.
   - L{exclusive}: mark a factory to bind inside the worker instead.
@@ -88,6 +91,10 @@ _exports = {
     "WorkerOnline": "txcluster._events",
     "WorkerReady": "txcluster._events",
     "Worker": "txcluster._worker",
+    "Agent": "txcluster._agentapi",
+    "currentAgent": "txcluster._agentapi",
+    "AgentUnavailable": "txcluster._commands",
+    "AgentFailed": "txcluster._commands",
     "currentWorker": "txcluster._worker",
     "exclusive": "txcluster._intercept",
 }

@@ -34,6 +34,9 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from txcluster._commands import (
+    AgentBroadcast,
+    AgentSend,
+    AskAgent,
     Close,
     DescriptorList,
     FinalMetrics,
@@ -95,7 +98,10 @@ _REFUSALS = (ListenRefused, UnknownListen)
 #: The commands a worker may send (not, say, AMP's own C{StartTLS}).
 _WORKER_COMMANDS = frozenset(
     c.commandName
-    for c in (Online, QueryServer, Listening, Close, Ready, Leaving, LoadReport, ToMaster, FinalMetrics)
+    for c in (
+        Online, QueryServer, Listening, Close, Ready, Leaving, LoadReport, ToMaster, FinalMetrics, AskAgent,
+        AgentBroadcast, AgentSend,
+    )
 )
 
 
@@ -153,6 +159,22 @@ class WorkerRequests(Protocol):
     def finalMetrics(self, text: str) -> None:
         """
         L{FinalMetrics}'s text.
+        """
+
+    def askAgent(self, message: str) -> defer.Deferred:
+        """
+        L{AskAgent}: a Deferred firing with the agent's answer (JSON text),
+        or failing with one of its declared errors.
+        """
+
+    def agentBroadcast(self, message: str) -> None:
+        """
+        L{AgentBroadcast}, from the agent.
+        """
+
+    def agentSend(self, workerId: int, message: str) -> defer.Deferred:
+        """
+        L{AgentSend}, from the agent.
         """
 
     def misbehaved(self, what: str) -> None:
@@ -466,6 +488,19 @@ class MasterChannel(amp.AMP):
     def finalMetrics(self, metrics: str) -> dict:
         self.requests.finalMetrics(metrics)
         return {}
+
+    @AskAgent.responder
+    def askAgent(self, message: str):
+        return self.requests.askAgent(message).addCallback(lambda answer: {"answer": answer})
+
+    @AgentBroadcast.responder
+    def agentBroadcast(self, message: str) -> dict:
+        self.requests.agentBroadcast(message)
+        return {}
+
+    @AgentSend.responder
+    def agentSend(self, workerId: int, message: str):
+        return self.requests.agentSend(workerId, message).addCallback(lambda _: {})
 
     # Commands to the worker -------------------------------------------------
 

@@ -75,7 +75,10 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     status = commands.add_parser("status", help="the master and one row per worker process")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    commands.add_parser("reload", help="replace every worker, one by one, without dropping a connection")
+    reload = commands.add_parser("reload", help="replace every worker, one by one, without dropping a connection")
+    reload.add_argument(
+        "--agent", action="store_true", help="restart the agent (--agent) first: the old one leaves, then a new one starts"
+    )
     scale = commands.add_parser("scale", help="run N workers")
     scale.add_argument("count", type=int, metavar="N")
     recycle = commands.add_parser("recycle", help="replace one worker (its replacement is ready first)")
@@ -128,7 +131,7 @@ def formatStatus(status: dict) -> str:
     for w in status["workers"]:
         rows.append(
             [
-                str(w["id"]),
+                "agent" if w.get("role") == "agent" else str(w["id"]),
                 _cell(w["pid"]),
                 w["state"] + (f" (recycling: {w['recycling']})" if w.get("recycling") else ""),
                 _duration(w["uptime"]) if w["pid"] is not None else "-",
@@ -153,7 +156,12 @@ def formatEvent(event: dict) -> str:
     """
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.get("time", 0)))
     name = event.get("event", "?")
-    who = f"worker {event['workerId']} (pid {event.get('pid')})" if "workerId" in event else "master"
+    if "workerId" not in event:
+        who = "master"
+    elif event["workerId"] == 0:
+        who = f"agent (pid {event.get('pid')})"
+    else:
+        who = f"worker {event['workerId']} (pid {event.get('pid')})"
     rest = {k: v for k, v in event.items() if k not in ("event", "time", "workerId", "pid")}
     details = " ".join(f"{k}={json.dumps(v)}" for k, v in rest.items())
     return f"{when} {name:<10} {who}{' ' + details if details else ''}"
@@ -232,7 +240,8 @@ class _Client:
                 status = json.loads(answer["status"])
                 print(json.dumps(status, indent=2) if self.options.json else formatStatus(status), file=self.out)
             elif command == "reload":
-                print((await protocol.callRemote(Reload))["summary"], file=self.out)
+                arguments = {"agent": True} if self.options.agent else {}
+                print((await protocol.callRemote(Reload, **arguments))["summary"], file=self.out)
             elif command == "scale":
                 print((await protocol.callRemote(Scale, count=self.options.count))["summary"], file=self.out)
             elif command == "recycle":

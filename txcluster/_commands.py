@@ -8,10 +8,15 @@ commands and user messages are different commands, so a user message can
 never be mistaken for an internal one.
 
 Worker to master: L{Online}, L{QueryServer}, L{Listening}, L{Close},
-L{Ready}, L{Leaving}, L{LoadReport}, L{ToMaster}, L{FinalMetrics}.
+L{Ready}, L{Leaving}, L{LoadReport}, L{ToMaster}, L{FinalMetrics},
+L{AskAgent}.
 
 Master to worker: L{NewConn}, L{Disconnect}, L{Ping}, L{ToWorker},
 L{WorkerCount}, L{CollectMetrics}.
+
+The agent (C{--agent}) speaks the worker's protocol, plus: to the master
+L{AgentBroadcast} and L{AgentSend}; from the master L{AgentRequest} and
+L{AgentWorkers}.
 
 See C{docs/protocol.md} for the prose version.
 """
@@ -46,6 +51,11 @@ ENV_STACKS_FD = "TXCLUSTER_STACKS_FD"
 ENV_REACTOR = "TXCLUSTER_REACTOR"
 ENV_MASTER_PID = "TXCLUSTER_MASTER_PID"
 ENV_GRACEFUL_TIMEOUT = "TXCLUSTER_GRACEFUL_TIMEOUT"
+#: C{agent} in the agent process (C{--agent}); unset in workers.
+ENV_ROLE = "TXCLUSTER_ROLE"
+
+#: The worker id the agent goes by (workers count from 1).
+AGENT_ID = 0
 
 
 class DescriptorList(amp.Argument):
@@ -168,6 +178,22 @@ class UnknownListen(Exception):
 class MessageTooLarge(Exception):
     """
     A user message does not fit in one AMP value (64 KiB once JSON-encoded).
+    """
+
+
+class AgentUnavailable(Exception):
+    """
+    A worker's L{txcluster.Worker.askAgent} got no answer from the agent:
+    the cluster runs none (no C{--agent}), or it did not answer (or come
+    back from a restart) within C{--agent-timeout}, or it was lost while
+    it handled the request (it may or may not have acted on it).
+    """
+
+
+class AgentFailed(Exception):
+    """
+    The agent's request handler raised (or returned what is not JSON); the
+    message says what.
     """
 
 
@@ -298,6 +324,42 @@ class FinalMetrics(amp.Command):
     response = []
 
 
+class AskAgent(amp.Command):
+    """
+    A worker's request to the agent: JSON text; the answer is the agent's
+    reply, JSON text.  The master forwards it as an L{AgentRequest}, or
+    holds it while the agent restarts.
+    """
+
+    arguments = [(b"message", amp.Unicode())]
+    response = [(b"answer", amp.Unicode())]
+    errors = {AgentUnavailable: b"AGENT_UNAVAILABLE", AgentFailed: b"AGENT_FAILED", MessageTooLarge: b"TOO_LARGE"}
+
+
+# Agent -> master
+
+
+class AgentBroadcast(amp.Command):
+    """
+    The agent's message (JSON text) for every worker, delivered as a
+    L{ToWorker} to each.
+    """
+
+    arguments = [(b"message", amp.Unicode())]
+    response = []
+
+
+class AgentSend(amp.Command):
+    """
+    The agent's message (JSON text) for worker C{workerId}, delivered as a
+    L{ToWorker}.
+    """
+
+    arguments = [(b"workerId", amp.Integer()), (b"message", amp.Unicode())]
+    response = []
+    errors = {AgentUnavailable: b"NO_SUCH_WORKER"}
+
+
 # Master -> worker
 
 
@@ -362,4 +424,27 @@ class WorkerCount(amp.Command):
     """
 
     arguments = [(b"count", amp.Integer())]
+    requiresAnswer = False
+
+
+# Master -> agent
+
+
+class AgentRequest(amp.Command):
+    """
+    Worker C{workerId}'s L{AskAgent}, for the agent's request handler.
+    """
+
+    arguments = [(b"workerId", amp.Integer()), (b"message", amp.Unicode())]
+    response = [(b"answer", amp.Unicode())]
+    errors = {AgentFailed: b"AGENT_FAILED"}
+
+
+class AgentWorkers(amp.Command):
+    """
+    The worker ids that are ready now, sent to the agent when it is ready
+    and whenever they change.
+    """
+
+    arguments = [(b"workerIds", amp.ListOf(amp.Integer()))]
     requiresAnswer = False

@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from txcluster import _events
+from txcluster._commands import AGENT_ID
 from txcluster._deferreds import observe
 from txcluster._controlcommands import (
     CLIENT_COMMANDS,
@@ -142,6 +143,7 @@ def statusAsJSON(statistics) -> dict:
         "workers": [
             {
                 "id": w.workerId,
+                "role": "agent" if w.workerId == AGENT_ID else "worker",
                 "pid": w.pid,
                 "state": w.state,
                 "uptime": round(w.uptime, 3),
@@ -175,6 +177,10 @@ def peerCredentials(transport) -> Optional[tuple]:
 
 def _count(n: int, one: str, many: Optional[str] = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def _who(workerId: int) -> str:
+    return "agent" if workerId == AGENT_ID else f"worker {workerId}"
 
 
 def _pids(statistics) -> dict:
@@ -327,22 +333,27 @@ class ControlProtocol(amp.AMP):
         return d.addCallback(lambda _: {"status": json.dumps(statusAsJSON(self._server.cluster.statistics()))})
 
     @Reload.responder
-    def reload(self) -> defer.Deferred:
+    def reload(self, agent: bool = False) -> defer.Deferred:
         cluster = self._server.cluster
         started = cluster.reactor.seconds()
         before = _pids(cluster.statistics())
-        _log.info("{client} asked for a reload", client=self.describe())
+        _log.info(
+            "{client} asked for a reload{agent}", client=self.describe(), agent=" (the agent too)" if agent else ""
+        )
 
         def done(_):
             after = _pids(cluster.statistics())
             lines = [
-                f"  worker {i}: pid {before[i]} -> pid {after[i]}" if i in before else f"  worker {i}: pid {after[i]} (new)"
+                f"  {_who(i)}: pid {before[i]} -> pid {after[i]}" if i in before else f"  {_who(i)}: pid {after[i]} (new)"
                 for i in sorted(after)
+                if i != AGENT_ID or agent
             ]
             took = cluster.reactor.seconds() - started
-            return {"summary": "\n".join([f"reloaded {_count(len(after), 'worker')} in {took:.1f} s"] + lines)}
+            workers = len([i for i in after if i != AGENT_ID])
+            head = f"reloaded {_count(workers, 'worker')}{' and the agent' if agent else ''} in {took:.1f} s"
+            return {"summary": "\n".join([head] + lines)}
 
-        return cluster.reload().addCallbacks(done, _refusal)
+        return cluster.reload(agent=bool(agent)).addCallbacks(done, _refusal)
 
     @Scale.responder
     def scale(self, count: int) -> defer.Deferred:

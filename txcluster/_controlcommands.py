@@ -90,10 +90,11 @@ class Status(amp.Command):
 class Reload(amp.Command):
     """
     Replace every worker, as C{SIGHUP} does; answered once the reload is
-    over.  C{summary} says which pid replaced which.
+    over.  C{summary} says which pid replaced which.  With C{agent}, the
+    agent (C{--agent}) is restarted first.
     """
 
-    arguments = []
+    arguments = [(b"agent", amp.Boolean(optional=True))]
     response = [(b"summary", LongText())]
     errors = _ERRORS
 

@@ -195,6 +195,9 @@ class WorkerProcess:
         return self.phase in (Phase.DRAINING, Phase.LEAVING)
 
     def describe(self) -> str:
+        if self.workerId == 0:
+            # The agent (--agent) goes by worker id 0.
+            return f"the agent (pid {self.pid})"
         return f"worker {self.workerId} (pid {self.pid})"
 
     def __repr__(self) -> str:

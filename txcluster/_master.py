@@ -21,7 +21,9 @@ from twisted.internet import defer
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
+from txcluster._agent import AGENT_TIMEOUT
 from txcluster._access import ListenPolicy, parseDeclared, parsePattern, workerIdentity
+from txcluster._commands import AGENT_ID
 from txcluster._handles import SCHEDULING, SHARED, HandleStatistics, HandleTable
 from txcluster._deferreds import observe
 from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed, UnknownWorker, seconds
@@ -108,6 +110,10 @@ class ClusterConfig:
         is recycled (0: no limit); sampled every C{memoryInterval} seconds.
     @ivar maxLifetime: seconds a worker process serves before it is
         recycled (0: no limit), plus a random 0..C{maxLifetimeJitter}.
+    @ivar agent: the C{.tac} or C{.py} file of the agent, one process
+        started before the workers and stopped after them (L{None}: none).
+    @ivar agentTimeout: how long a worker's C{askAgent} waits for the
+        agent to answer (or to come back from a restart).
     """
 
     app: str
@@ -135,6 +141,8 @@ class ClusterConfig:
     memoryInterval: float = field(default=MEMORY_INTERVAL, converter=float, validator=validators.gt(0))
     maxLifetime: float = field(default=0.0, converter=float, validator=_positive)
     maxLifetimeJitter: float = field(default=0.0, converter=float, validator=_positive)
+    agent: Optional[str] = None
+    agentTimeout: float = field(default=AGENT_TIMEOUT, converter=float, validator=validators.gt(0))
 
     def __attrs_post_init__(self) -> None:
         if self.minReady is not None and self.minReady > self.workers:
@@ -282,6 +290,7 @@ class ClusterService(service.Service):
             uid,
             gid,
         )
+        self._processes.agentRelay = supervisor.agent.relay
         supervisor.attach(self._processes, table)
         self._status = ClusterStatus(self, supervisor, self._processes, table)
         self._table = table
@@ -495,6 +504,8 @@ class ClusterService(service.Service):
             L{txcluster._process.StacksUnavailable}.
         """
         slot = None if self._supervisor is None else self._supervisor.slots.get(workerId)
+        if workerId == AGENT_ID and self._supervisor is not None:
+            slot = self._supervisor.agent.slot
         view = None if slot is None else slot.view()
         process = None if view is None else view.current
         if process is None or process.phase is Phase.DEAD:
@@ -520,13 +531,14 @@ class ClusterService(service.Service):
         Send C{message} to every worker that is not leaving.
         """
         targets = [] if self._processes is None else [
-            p for p in self._processes.sorted() if p.phase in (Phase.STARTING, Phase.ONLINE, Phase.READY)
+            p for p in self._processes.sorted()
+            if p.phase in (Phase.STARTING, Phase.ONLINE, Phase.READY) and p.workerId != AGENT_ID
         ]
         return defer.gatherResults(
             [self._processes.send(p, message) for p in targets], consumeErrors=True
         ).addCallbacks(lambda _: None, _firstFailure)
 
-    def reload(self) -> defer.Deferred:
+    def reload(self, agent: bool = False) -> defer.Deferred:
         """
         Replace every worker with a fresh process that re-reads the app, a
         few at a time (C{reloadConcurrency}): each replacement must be ready
@@ -539,10 +551,14 @@ class ClusterService(service.Service):
             started after C{reload()} was called and the old ones are gone,
             or fails with L{ReloadFailed} (the reload stopped; the old
             workers keep serving) or L{ClusterStopped}.
+
+        @param agent: restart the agent (C{config.agent}) first: its old
+            process leaves, then a new one starts (never two at once);
+            the workers' requests to it wait meanwhile.
         """
         if self._supervisor is None or not self.running:
             return defer.fail(ClusterStopped(self._notRunning()))
-        return self._supervisor.reload()
+        return self._supervisor.reload(agent)
 
     def reloadProgress(self) -> Optional[tuple[int, int]]:
         """

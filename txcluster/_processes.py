@@ -107,6 +107,25 @@ class _Requests:
     def finalMetrics(self, text: str) -> None:
         self._table.metricsReported(self._process, text)
 
+    def askAgent(self, message: str) -> defer.Deferred:
+        return self._table.agentRelay.ask(self._process.workerId, message)
+
+    def agentBroadcast(self, message: str) -> None:
+        if self._fromAgent("AgentBroadcast"):
+            self._table.agentRelay.toWorkers(self._table.sorted(), None, message)
+
+    def agentSend(self, workerId: int, message: str) -> defer.Deferred:
+        if not self._fromAgent("AgentSend"):
+            return defer.succeed(None)
+        return self._table.agentRelay.toWorkers(self._table.sorted(), workerId, message)
+
+    def _fromAgent(self, command: str) -> bool:
+        # A worker that sends the agent's commands misbehaves.
+        if self._process.workerId == _commands.AGENT_ID:
+            return True
+        self._table.misbehaved(self._process, f"sent {command}, which only the agent may send")
+        return False
+
     def misbehaved(self, what: str) -> None:
         self._table.misbehaved(self._process, what)
 
@@ -151,6 +170,8 @@ class ProcessTable:
         self.gone: list[Callable[[WorkerProcess], None]] = []
         #: Called with a process and the metrics text it reported.
         self.metricsReported: Callable[[WorkerProcess, str], None] = lambda process, text: None
+        #: The messenger between the workers and the agent.
+        self.agentRelay = None
 
     @property
     def lastSerial(self) -> int:
@@ -188,6 +209,12 @@ class ProcessTable:
         process.forkedAt = self._reactor.seconds()
         env = dict(os.environ if self._config.env is None else self._config.env)
         env[_commands.ENV_GRACEFUL_TIMEOUT] = repr(self._config.gracefulTimeout)
+        app = self._config.app
+        if process.workerId == _commands.AGENT_ID:
+            env[_commands.ENV_ROLE] = "agent"
+            app = self._config.agent
+        else:
+            env.pop(_commands.ENV_ROLE, None)
         try:
             process.transport = self._spawner(
                 self._reactor,
@@ -195,7 +222,7 @@ class ProcessTable:
                 channel,
                 process.workerId,
                 workerCount,
-                self._config.app,
+                app,
                 env=env,
                 uid=self._uid,
                 gid=self._gid,

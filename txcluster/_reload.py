@@ -11,6 +11,10 @@ from typing import Any, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txcluster import _events
+from txcluster._commands import AGENT_ID
 
 from txcluster._deferreds import observe
 from txcluster._lifecycle import ClusterStopped, ReloadFailed, Slot
@@ -26,6 +30,15 @@ class ReloadHost(Protocol):
     config: Any
     slots: dict
     processes: Any
+    #: The L{txcluster._agent.AgentKeeper}.
+    agent: Any
+    #: Called with how each reload request ended.
+    reloaded: Any
+
+    def emit(self, event) -> None:
+        """
+        Tell the cluster's observers.
+        """
 
     def stopping(self) -> bool:
         """
@@ -80,6 +93,40 @@ class RollingReload:
         )
         return done, len(slots)
 
+    def reload(self, agent: bool = False) -> defer.Deferred:
+        """
+        Ask for a reload, told to the observers (L{_events.ReloadStarted},
+        L{_events.ReloadFinished}) unless it joins one under way; with
+        C{agent}, the agent is restarted first (never doubled: the old one
+        leaves, then the new one starts).
+        """
+        supervisor = self._supervisor
+        if supervisor.stopping():
+            return defer.fail(ClusterStopped("the cluster is stopping"))
+        if agent and supervisor.config.agent is None:
+            return defer.fail(ReloadFailed("this cluster runs no agent (--agent)"))
+        joined = self.running
+        if not joined:
+            supervisor.emit(_events.ReloadStarted(len(supervisor.slots)))
+
+        def outcome(result):
+            if not isinstance(result, Failure):
+                finished = _events.ReloadFinished("succeeded")
+            elif result.check(ClusterStopped):
+                finished = _events.ReloadFinished("stopped", result.getErrorMessage())
+            else:
+                finished = _events.ReloadFinished("failed", result.getErrorMessage())
+            supervisor.reloaded(finished.outcome)
+            if not joined:
+                supervisor.emit(finished)
+            return result
+
+        if agent:
+            requested = defer.ensureDeferred(supervisor.agent.restart()).addCallback(lambda _: self.request())
+        else:
+            requested = self.request()
+        return requested.addBoth(outcome)
+
     def request(self) -> defer.Deferred:
         """
         Ask for a reload.
@@ -127,7 +174,11 @@ class RollingReload:
             # The old processes are gone before the reload is done: no
             # worker runs code loaded before it was asked for.
             await defer.DeferredList(
-                [observe(p.exited) for p in supervisor.processes.processes if p.serial <= mark]
+                [
+                    observe(p.exited)
+                    for p in supervisor.processes.processes
+                    if p.serial <= mark and p.workerId != AGENT_ID
+                ]
             )
             if supervisor.stopping():
                 raise ClusterStopped("the cluster is stopping")

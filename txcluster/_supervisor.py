@@ -14,7 +14,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcluster import _events
-from txcluster._commands import Ping
+from txcluster._agent import AgentKeeper, AgentRelay
+from txcluster._commands import AGENT_ID, Ping
 from txcluster._deferreds import observe
 from txcluster._handles import HandleTable
 from txcluster._heartbeat import Heartbeat
@@ -80,6 +81,12 @@ class Supervisor:
             maxLifetime=config.maxLifetime,
             lifetimeJitter=config.maxLifetimeJitter,
             minDelay=config.minRestartDelay,
+        )
+        self.agent = AgentKeeper(
+            self,
+            AgentRelay(clock, configured=config.agent is not None, timeout=config.agentTimeout),
+            config.maxRestarts,
+            config.restartWindow,
         )
         self._stopping: Optional[defer.Deferred] = None
         self.gaveUp = False
@@ -160,6 +167,10 @@ class Supervisor:
         # Observers hear of it once the slot says so (one may reload or
         # scale from there), and before the old worker is told to leave.
         self._emit(_events.WorkerReady(process.workerId, process.pid))
+        if process.workerId == AGENT_ID:
+            self.agent.served(process)
+            return
+        self.agent.relay.workersChanged(self.readyIds())
         if all(s.view().state == "serving" for s in self.slots.values()):
             # Every worker is ready and has made its listens: a socket kept
             # open for the replacement of a dead worker that nobody took
@@ -181,10 +192,26 @@ class Supervisor:
     # Starting ------------------------------------------------------------------
 
     def start(self) -> None:
-        for workerId in range(1, self.config.workers + 1):
-            self._startSlot(workerId)
+        if self.config.agent is not None:
+            self.agent.start(self._startWorkers)
+        else:
+            self._startWorkers()
         self.heartbeat.start()
         self.recycler.start()
+
+    def _startWorkers(self) -> None:
+        if self._stopping is None:
+            for workerId in range(1, self.target + 1):
+                self._startSlot(workerId)
+
+    def readyIds(self) -> tuple:
+        """
+        The worker ids whose current process is ready.
+        """
+        return tuple(
+            w for w, slot in sorted(self.slots.items())
+            if slot.view().current is not None and slot.view().current.phase is Phase.READY
+        )
 
     def _startSlot(self, workerId: int) -> Slot:
         slot = self.slots[workerId] = Slot(workerId, self, self.processes.new)
@@ -192,6 +219,8 @@ class Supervisor:
         return slot
 
     def slotOf(self, process: WorkerProcess) -> Optional[Slot]:
+        if process.workerId == AGENT_ID:
+            return self.agent.slotOf(process)
         slot = self.slots.get(process.workerId)
         if slot is not None and process in slot.view().processes:
             return slot
@@ -216,7 +245,11 @@ class Supervisor:
         self.heartbeat.forget(process)
         self.recycler.forget(process)
         ending = process.ending
-        if ending.failure is not None and self._stopping is None and not self.gaveUp:
+        if process.workerId == AGENT_ID:
+            failed = ending.failure is not None and self._stopping is None and not self.gaveUp
+            if self.agent.ended(process, failed, self._clock.seconds()):
+                self._gaveUpOn(process, "agent failures")
+        elif ending.failure is not None and self._stopping is None and not self.gaveUp:
             slot = self.slotOf(process)
             view = None if slot is None else slot.view()
             if view is not None and view.state == "replacing" and view.successor is process:
@@ -235,17 +268,20 @@ class Supervisor:
             elif self._failures.record(self._clock.seconds()):
                 self._gaveUpOn(process)
         self.processLost(process)
+        if process.workerId != AGENT_ID:
+            self.agent.relay.workersChanged(self.readyIds())
 
     def failures(self) -> int:
         return self._failures.count(self._clock.seconds())
 
-    def _gaveUpOn(self, process: WorkerProcess) -> None:
+    def _gaveUpOn(self, process: WorkerProcess, what: str = "worker failures") -> None:
         self.gaveUp = True
         tail = "\n".join(process.output.stderrTail) or "(the worker wrote nothing on stderr)"
         _log.critical(
-            "giving up: more than {maxRestarts} worker failures within {window}; "
+            "giving up: more than {maxRestarts} {what} within {window}; "
             "the last was {worker}, which {how}. Its last error output:\n{tail}",
             maxRestarts=self.config.maxRestarts,
+            what=what,
             window=seconds(self.config.restartWindow),
             worker=process.describe(),
             how=process.ending.failure,
@@ -257,29 +293,11 @@ class Supervisor:
 
     # Reloading -----------------------------------------------------------------
 
-    def reload(self) -> defer.Deferred:
+    def reload(self, agent: bool = False) -> defer.Deferred:
         """
         See L{txcluster.ClusterService.reload}.
         """
-        if self._stopping is not None:
-            return defer.fail(ClusterStopped("the cluster is stopping"))
-        joined = self._reload.running
-        if not joined:
-            self._emit(_events.ReloadStarted(len(self.slots)))
-
-        def outcome(result):
-            if not isinstance(result, Failure):
-                finished = _events.ReloadFinished("succeeded")
-            elif result.check(ClusterStopped):
-                finished = _events.ReloadFinished("stopped", result.getErrorMessage())
-            else:
-                finished = _events.ReloadFinished("failed", result.getErrorMessage())
-            self.reloaded(finished.outcome)
-            if not joined:
-                self._emit(finished)
-            return result
-
-        return self._reload.request().addBoth(outcome)
+        return self._reload.reload(agent)
 
     @property
     def reloading(self) -> bool:
@@ -416,8 +434,15 @@ class Supervisor:
         # And those no slot holds any more: leaving on their own, or
         # draining after a reload or a scale-down (whose own deadline, if
         # sooner, stands).
-        for process in self.processes.sorted():
+        workers = [p for p in self.processes.sorted() if p.workerId != AGENT_ID]
+        for process in workers:
             self.processes.drain(process, "stop", remaining)
+        await defer.DeferredList([observe(p.exited) for p in workers])
+        # The agent goes last: the workers may ask it for things until
+        # they are gone.
+        if self.config.agent is not None:
+            _log.info("the workers are gone: stopping the agent")
+            await self.agent.stop(max(0.0, deadline - self._clock.seconds()))
         await defer.DeferredList([observe(p.exited) for p in list(self.processes.processes)])
         self.handles.closeAll()
         self.slots.clear()

@@ -39,6 +39,12 @@ What is used, and why:
   - L{markTLS}: the C{_type} a port's C{repr} and C{getHost} logging use.
   - L{childReader}: the reader of one of a child process's pipes
     (C{Process.pipes}, not in C{IProcessTransport}), to pause it.
+  - L{parseProxyV1}, L{parseProxyV2}, L{InvalidProxyHeader},
+    L{PROXY_V1_PREFIX}, L{PROXY_V2_SIGNATURE}: the PROXY protocol header
+    parsers of C{twisted.protocols.haproxy} (C{_v1parser.V1Parser},
+    C{_v2parser.V2Parser}, C{_exceptions}), used on a complete header,
+    without Twisted's wrapper (which refuses a header that arrives in
+    pieces).
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ except ImportError:  # Twisted before makeBinding() (26.10)
     _Binding = None
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python import log
 
 #: The most file descriptors one C{sendmsg} may carry on Linux (SCM_MAX_FD).
@@ -276,3 +285,50 @@ def childReader(transport, childFD: int):
     if reader is None or not hasattr(reader, "stopReading"):
         return None
     return reader
+
+
+# PROXY protocol ------------------------------------------------------------------
+
+#: What a version 1 PROXY header starts with.
+PROXY_V1_PREFIX: bytes = V1Parser.PROXYSTR + b" "
+
+#: The twelve bytes a version 2 PROXY header starts with.
+PROXY_V2_SIGNATURE: bytes = V2Parser.PREFIX
+
+
+def parseProxyV1(line: bytes) -> tuple:
+    """
+    The C{(source, destination)} addresses of a version 1 PROXY header
+    C{line} (without its CRLF), by C{V1Parser.parse}: two L{None} for
+    C{UNKNOWN}.
+
+    Twisted refuses the C{"PROXY UNKNOWN"} that HAProxy sends (it expects
+    a space after C{UNKNOWN}), and lets a C{ValueError} through for a port
+    that is not a number or an address that is not ASCII: both are
+    smoothed over here.
+
+    @raise InvalidProxyHeader: C{line} is not a valid header.
+    """
+    if line == PROXY_V1_PREFIX + V1Parser.UNKNOWN_PROTO:
+        line += b" "
+    try:
+        info = V1Parser.parse(line)
+    except ValueError as e:
+        raise InvalidProxyHeader(str(e)) from e
+    return info.source, info.destination
+
+
+def parseProxyV2(header: bytes) -> tuple:
+    """
+    The C{(source, destination)} addresses of a complete version 2 PROXY
+    header (signature, the four fixed bytes, and as many bytes as its
+    length field says), by C{V2Parser.parse}: two L{None} for C{LOCAL} and
+    C{UNSPEC}.  TLVs after the addresses are ignored.
+
+    @raise InvalidProxyHeader: C{header} is not a valid header.
+    """
+    try:
+        info = V2Parser.parse(header)
+    except (ValueError, KeyError, struct.error) as e:
+        raise InvalidProxyHeader(str(e)) from e
+    return info.source, info.destination

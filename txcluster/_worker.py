@@ -20,6 +20,7 @@ exits 0 once the application's triggers are done.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -34,6 +35,7 @@ from twisted.protocols import amp
 
 from txcluster import _commands
 from txcluster._commands import (
+    AskAgent,
     BindFailed,
     Close,
     CompressedText,
@@ -137,6 +139,8 @@ class Worker:
         self._indexes: dict[tuple, set] = {}
         self._portIndex: dict[int, tuple] = {}
         self._observers: list[Callable[[Any], None]] = []
+        #: The L{txcluster._agentapi.Agent}, in the agent process.
+        self.agent = None
         self._reportLoad = False
         self._metricsTooLarge = False
         self._reportScheduled = False
@@ -183,6 +187,24 @@ class Worker:
         if self.channel is None or self.channel.transport is None:
             return defer.fail(MasterUnavailable("the channel to the master is closed"))
         return self.channel.callRemote(ToMaster, message=text).addCallback(lambda _: None)
+
+    def askAgent(self, message: Any) -> defer.Deferred:
+        """
+        Ask the agent (C{--agent}): its request handler gets this worker's
+        id and the JSON-serialisable C{message}.
+
+        @return: a Deferred firing with the handler's answer, or failing
+            with L{txcluster.AgentUnavailable} (no agent, or it did not
+            answer or come back within C{--agent-timeout}) or
+            L{txcluster.AgentFailed} (its handler raised).
+        """
+        try:
+            text = encodeMessage(message)
+        except Exception:
+            return defer.fail()
+        if self.channel is None or self.channel.transport is None:
+            return defer.fail(MasterUnavailable("the channel to the master is closed"))
+        return self.channel.callRemote(AskAgent, message=text).addCallback(lambda answer: json.loads(answer["answer"]))
 
     def addMessageObserver(self, observer: Callable[[Any], None]) -> None:
         """
@@ -438,34 +460,9 @@ class Worker:
 
     def metricsText(self) -> str:
         """
-        The application's metrics: C{prometheus_client}'s default registry
-        in the text format, or C{""} if the application does not use
-        C{prometheus_client} (it is not imported here for it).
-
-        @raise MetricsUnavailable: they could not be rendered, or are too
-            large to send (the master keeps what it had).
+        The application's metrics (see L{applicationMetrics}).
         """
-        if "prometheus_client" not in sys.modules:
-            return ""
-        try:
-            from prometheus_client import REGISTRY, generate_latest
-
-            text = generate_latest(REGISTRY).decode("utf-8")
-        except Exception:
-            _log.failure("worker {workerId} (pid {pid}) could not render its metrics", workerId=self.id, pid=self.pid)
-            raise MetricsUnavailable("the application's metrics could not be rendered")
-        if len(zlib.compress(text.encode("utf-8"), 6)) > CompressedText.PIECE * CompressedText.PIECES:
-            if not self._metricsTooLarge:
-                self._metricsTooLarge = True
-                _log.warn(
-                    "worker {workerId} (pid {pid}): the application's metrics are too large to report "
-                    "({size} bytes); the master gets none from this worker",
-                    workerId=self.id,
-                    pid=self.pid,
-                    size=len(text),
-                )
-            raise MetricsUnavailable(f"the application's metrics are too large ({len(text)} bytes)")
-        return text
+        return applicationMetrics(self)
 
     def _sendFinalMetrics(self) -> Optional[defer.Deferred]:
         if "prometheus_client" not in sys.modules or self.channel is None or self.channel.transport is None:
@@ -516,6 +513,39 @@ class Worker:
         exitSoon(ORPHAN_EXIT_SECONDS)
         self.leaveRequested = True
         self.disconnect(ORPHAN_EXIT_SECONDS)
+
+
+
+def applicationMetrics(worker: Worker) -> str:
+    """
+    The application's metrics: C{prometheus_client}'s default registry in
+    the text format, or C{""} if the application does not use
+    C{prometheus_client} (it is not imported here for it).
+
+    @raise MetricsUnavailable: they could not be rendered, or are too
+        large to send (the master keeps what it had).
+    """
+    if "prometheus_client" not in sys.modules:
+        return ""
+    try:
+        from prometheus_client import REGISTRY, generate_latest
+
+        text = generate_latest(REGISTRY).decode("utf-8")
+    except Exception:
+        _log.failure("worker {workerId} (pid {pid}) could not render its metrics", workerId=worker.id, pid=worker.pid)
+        raise MetricsUnavailable("the application's metrics could not be rendered")
+    if len(zlib.compress(text.encode("utf-8"), 6)) > CompressedText.PIECE * CompressedText.PIECES:
+        if not worker._metricsTooLarge:
+            worker._metricsTooLarge = True
+            _log.warn(
+                "worker {workerId} (pid {pid}): the application's metrics are too large to report "
+                "({size} bytes); the master gets none from this worker",
+                workerId=worker.id,
+                pid=worker.pid,
+                size=len(text),
+            )
+        raise MetricsUnavailable(f"the application's metrics are too large ({len(text)} bytes)")
+    return text
 
 
 def exitSoon(seconds: float, code: int = 1) -> None:

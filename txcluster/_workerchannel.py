@@ -23,6 +23,9 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from txcluster._commands import (
+    AgentFailed,
+    AgentRequest,
+    AgentWorkers,
     DescriptorList,
     Disconnect,
     NewConn,
@@ -56,6 +59,8 @@ class ChannelOwner(Protocol):
     count: int
     leaveRequested: bool
     openConnections: int
+    #: The L{txcluster._agentapi.Agent} in the agent process, else L{None}.
+    agent: Any
 
     def disconnect(self, timeout: Any = None, why: Any = None) -> Any:
         """
@@ -266,6 +271,19 @@ class WorkerChannel(amp.AMP):
     @WorkerCount.responder
     def workerCount(self, count: int) -> dict:
         self._worker.count = count
+        return {}
+
+    @AgentRequest.responder
+    def agentRequest(self, workerId: int, message: str):
+        agent = self._worker.agent
+        if agent is None:
+            raise AgentFailed("this process is not the agent")
+        return agent._request(workerId, message).addCallback(lambda answer: {"answer": answer})
+
+    @AgentWorkers.responder
+    def agentWorkers(self, workerIds: list) -> dict:
+        if self._worker.agent is not None:
+            self._worker.agent._workersChanged(workerIds)
         return {}
 
     def makeConnection(self, transport) -> None:

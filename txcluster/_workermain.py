@@ -149,7 +149,11 @@ def main(argv=None, environ=None) -> None:
         except (OSError, ValueError):
             pass
     faulthandler.register(signal.SIGUSR1, file=stacksFile, all_threads=True)
-    setProcessTitle(f"txcluster worker {workerId} [{os.path.basename(appPath)}]")
+    isAgent = environ.get(_commands.ENV_ROLE) == "agent"
+    if isAgent:
+        setProcessTitle(f"txcluster agent [{os.path.basename(appPath)}]")
+    else:
+        setProcessTitle(f"txcluster worker {workerId} [{os.path.basename(appPath)}]")
     gracefulTimeout = float(environ.get(_commands.ENV_GRACEFUL_TIMEOUT, "30"))
     worker = _worker.Worker(
         reactor,
@@ -160,14 +164,23 @@ def main(argv=None, environ=None) -> None:
     )
     worker.connect(int(environ.get(_commands.ENV_CHANNEL_FD, _commands.CHANNEL_FD)))
     log.info(
-        "worker {workerId} (pid {pid}) loading {app} with {reactor}",
+        "{who} (pid {pid}) loading {app} with {reactor}",
+        who="the agent" if isAgent else f"worker {workerId}",
         workerId=workerId,
         pid=os.getpid(),
         app=appPath,
         reactor=type(reactor).__name__,
     )
-    _worker.setCurrentWorker(worker)
-    interceptListens(reactor, worker)
+    if isAgent:
+        # The agent's listens are its own (never shared with the workers):
+        # they bind here, as under plain twistd.
+        from txcluster._agentapi import Agent, setCurrentAgent
+
+        worker.agent = Agent(worker)
+        setCurrentAgent(worker.agent)
+    else:
+        _worker.setCurrentWorker(worker)
+        interceptListens(reactor, worker)
 
     def onTerm(signum, frame):
         if masterPid is not None and os.getppid() != masterPid:

@@ -85,6 +85,8 @@ class Options(usage.Options):
         ["memory-interval", None, "5", "Seconds between two samples of the workers' memory (--max-memory)."],
         ["max-lifetime", None, "0", "Recycle a worker process after it served this many seconds (0: never)."],
         ["max-lifetime-jitter", None, "0", "Add a random 0..N seconds to --max-lifetime per worker process."],
+        ["agent", None, None, "Run this .tac or .py file as the agent: one process started before the workers and stopped after them, which they reach with askAgent() [default: none]."],
+        ["agent-timeout", None, "10", "Seconds a worker's askAgent() waits for the agent to answer, or to come back from a restart."],
         ["user", "u", None, "Run the workers as this user (name or uid) [default: the master's]."],
         ["group", "g", None, "Run the workers with this group (name or gid) [default: the user's]."],
         ["control", None, None, "The control socket the txcluster command talks to [default: $RUNTIME_DIRECTORY/txcluster.sock under systemd, else ./txcluster.sock]."],
@@ -144,6 +146,7 @@ class Options(usage.Options):
         "memory-interval": _number(float, 0.1, "a number of seconds, at least 0.1"),
         "max-lifetime": _seconds,
         "max-lifetime-jitter": _seconds,
+        "agent-timeout": _number(float, 0.001, "a number of seconds, more than 0"),
         "drain-delay": _seconds,
     }
 
@@ -196,6 +199,8 @@ class Options(usage.Options):
 
             raise usage.UsageError(MAX_REQUESTS_SHARED)
         self["app"] = checkApp(self["app"])
+        if self["agent"] is not None:
+            self["agent"] = checkApp(self["agent"], "--agent")
         from txcluster._access import BadListenDescription, parseDeclared, parsePattern
 
         for option, parse in (("listen", parseDeclared), ("allow-listen", parsePattern)):
@@ -218,21 +223,21 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
 
 
-def checkApp(path) -> str:
+def checkApp(path, option: str = "--app") -> str:
     """
     The absolute path of a readable application file.
 
-    @raise usage.UsageError: naming C{--app} and what is wrong.
+    @raise usage.UsageError: naming C{option} and what is wrong.
     """
     if not path:
-        raise usage.UsageError("--app is required: the .tac or .py file that defines `application`")
+        raise usage.UsageError(f"{option} is required: the .tac or .py file that defines `application`")
     absolute = os.path.abspath(path)
     if not os.path.exists(absolute):
-        raise usage.UsageError(f"--app {path!r}: no such file")
+        raise usage.UsageError(f"{option} {path!r}: no such file")
     if not os.path.isfile(absolute):
-        raise usage.UsageError(f"--app {path!r}: not a file")
+        raise usage.UsageError(f"{option} {path!r}: not a file")
     if not os.access(absolute, os.R_OK):
-        raise usage.UsageError(f"--app {path!r}: not readable")
+        raise usage.UsageError(f"{option} {path!r}: not readable")
     return absolute
 
 
@@ -318,6 +323,8 @@ def configFromOptions(options: Options):
         memoryInterval=options["memory-interval"],
         maxLifetime=options["max-lifetime"],
         maxLifetimeJitter=options["max-lifetime-jitter"],
+        agent=options["agent"],
+        agentTimeout=options["agent-timeout"],
         listens=options["listen"],
         allowListen=options["allow-listen"],
         user=options["user"],

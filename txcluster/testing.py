@@ -71,6 +71,12 @@ from zope.interface import implementer
 
 from txcluster._commands import (
     LOAD_REPORT_INTERVAL,
+    AgentBroadcast,
+    AgentFailed,
+    AgentRequest,
+    AgentSend,
+    AgentWorkers,
+    AskAgent,
     Close,
     CollectMetrics,
     Disconnect,
@@ -526,8 +532,60 @@ class _WorkerPeer(amp.AMP):
     def collectMetrics(self):
         return self._worker._received(CollectMetrics, {})
 
+    @AgentRequest.responder
+    def agentRequest(self, workerId: int, message: str):
+        return self._worker._received(AgentRequest, {"workerId": workerId, "message": message})
 
-class FakeWorker:
+    @AgentWorkers.responder
+    def agentWorkers(self, workerIds: list):
+        return self._worker._received(AgentWorkers, {"workerIds": workerIds})
+
+
+class _FakeMessages:
+    """
+    L{FakeWorker}'s messages to the master and the agent, as the real
+    worker (and agent) sends them.
+    """
+
+    def sendToMaster(self, message: Any) -> defer.Deferred:
+        """
+        Send C{message} as JSON in L{ToMaster}, as the real worker's
+        C{sendToMaster}: the Deferred fires with L{None}, or fails with
+        L{MasterUnavailable} once the channel is closed.
+
+        @raise txcluster._commands.MessageTooLarge: it is over 65535 bytes
+            of JSON.
+        @raise TypeError: it is not JSON-serialisable.
+        """
+        text = encodeMessage(message)
+        if self.channel.lost:
+            return defer.fail(MasterUnavailable("the channel to the master is closed"))
+        return self.callRemote(ToMaster, message=text).addCallback(lambda _: None)
+
+    def askAgent(self, message: Any) -> defer.Deferred:
+        """
+        As the real worker's C{askAgent}: L{AskAgent}; the Deferred fires
+        with the agent's decoded answer.
+        """
+        text = encodeMessage(message)
+        if self.channel.lost:
+            return defer.fail(MasterUnavailable("the channel to the master is closed"))
+        return self.callRemote(AskAgent, message=text).addCallback(lambda answer: json.loads(answer["answer"]))
+
+    def agentBroadcast(self, message: Any) -> defer.Deferred:
+        """
+        As the real agent's C{broadcast}: L{AgentBroadcast}.
+        """
+        return self.callRemote(AgentBroadcast, message=encodeMessage(message)).addCallback(lambda _: None)
+
+    def agentSend(self, workerId: int, message: Any) -> defer.Deferred:
+        """
+        As the real agent's C{sendToWorker}: L{AgentSend}.
+        """
+        return self.callRemote(AgentSend, workerId=workerId, message=encodeMessage(message)).addCallback(lambda _: None)
+
+
+class FakeWorker(_FakeMessages):
     """
     One worker as L{FakeSpawner} started it: its process, its channel, and
     helpers to play its side of the protocol.
@@ -589,6 +647,10 @@ class FakeWorker:
         self.connections: list[int] = []
         self.takingConnections = True
         self.metrics = ""
+        #: As the agent: C{(workerId, message) -> answer} for L{AgentRequest}.
+        self.agentHandler = None
+        #: As the agent: the worker ids the master last said were ready.
+        self.agentWorkers: Optional[list] = None
         self.holding: set = set()
         self.channelLostReason: Optional[Failure] = None
         self.listens: set[int] = set()
@@ -718,21 +780,6 @@ class FakeWorker:
         Send L{LoadReport}.
         """
         self.callRemote(LoadReport, connections=connections)
-
-    def sendToMaster(self, message: Any) -> defer.Deferred:
-        """
-        Send C{message} as JSON in L{ToMaster}, as the real worker's
-        C{sendToMaster}: the Deferred fires with L{None}, or fails with
-        L{MasterUnavailable} once the channel is closed.
-
-        @raise txcluster._commands.MessageTooLarge: it is over 65535 bytes
-            of JSON.
-        @raise TypeError: it is not JSON-serialisable.
-        """
-        text = encodeMessage(message)
-        if self.channel.lost:
-            return defer.fail(MasterUnavailable("the channel to the master is closed"))
-        return self.callRemote(ToMaster, message=text).addCallback(lambda _: None)
 
     def listen(
         self,
@@ -931,6 +978,13 @@ class FakeWorker:
             self._callLater(0, self._leave)
         if command is CollectMetrics:
             return {"metrics": self.metrics}
+        if command is AgentWorkers:
+            self.agentWorkers = list(arguments["workerIds"])
+        if command is AgentRequest:
+            if self.agentHandler is None:
+                raise AgentFailed("the fake agent has no handler")
+            answer = self.agentHandler(arguments["workerId"], json.loads(arguments["message"]))
+            return {"answer": json.dumps(answer)}
         if command is Ping:
             return {"connections": len(self.connections)}
         if command is NewConn:
