@@ -143,6 +143,29 @@ class AgentSupervisionTests(ClusterTestsMixin, SynchronousTestCase):
         worker.exit(0)
         self.successResultOf(d)
 
+    def test_blockedAgentIsReplaced(self) -> None:
+        """
+        A blocked agent misses its heartbeats: its stacks are dumped
+        (C{SIGUSR1}), it is killed and a new agent takes its place.
+        """
+        import signal
+
+        from txcluster._master import STACK_DUMP_GRACE
+
+        self.agentCluster(1, workerTimeout=3, stableAfter=0)
+        agent = self.worker(AGENT_ID)
+        agent.start()
+        self.worker(1).start()
+        agent.block()
+        self.advance(4)
+        self.assertEqual(agent.process.signalNumbers(), [signal.SIGUSR1])
+        self.assertLogged(f"the agent (pid {agent.pid}) has not answered a heartbeat for 3 s", LogLevel.error)
+        self.advance(STACK_DUMP_GRACE)
+        self.assertEqual(agent.process.signalNumbers(), [signal.SIGUSR1, signal.SIGKILL])
+        agent.kill()
+        self.advance(1)
+        self.assertIsNot(self.worker(AGENT_ID), agent)
+
     def test_reloadAgentWithoutOne(self) -> None:
         """
         Asking to reload an agent a cluster does not run fails, saying so.

@@ -57,6 +57,17 @@ class OptionsTests(SynchronousTestCase):
         options = parse("--app", app("web.tac"), "--workers", "5")
         self.assertEqual((options["workers"], options["workers-source"]), (5, None))
 
+    def test_agentOptions(self):
+        """
+        C{--agent} (an absolute path) and C{--agent-timeout} reach the
+        config; without them there is no agent.
+        """
+        config = tap.configFromOptions(parse("--app", app("web.tac")))
+        self.assertEqual((config.agent, config.agentTimeout), (None, 10.0))
+        options = parse("--app", app("web.tac"), "--agent", os.path.relpath(app("whoami.tac")), "--agent-timeout", "2.5")
+        config = tap.configFromOptions(options)
+        self.assertEqual((config.agent, config.agentTimeout), (app("whoami.tac"), 2.5))
+
     def test_recyclingOptions(self):
         """
         C{--max-memory}, C{--memory-interval}, C{--max-lifetime} and
@@ -143,6 +154,10 @@ class OptionsTests(SynchronousTestCase):
             (["--metrics", "tcp:port"], "--metrics"),
             (["--metrics", "ssl:9443"], "--metrics"),
             (["--workers", "automatic"], "--workers"),
+            (["--agent", "/nonexistent/agent.tac"], "--agent"),
+            (["--agent", "/tmp"], "--agent"),
+            (["--agent-timeout", "0"], "--agent-timeout"),
+            (["--agent-timeout", "soon"], "--agent-timeout"),
             (["--max-memory", "-1"], "--max-memory"),
             (["--max-memory", "lots"], "--max-memory"),
             (["--memory-interval", "0"], "--memory-interval"),

@@ -413,7 +413,8 @@ class SlotCore:
         if lost.ending is not None and not lost.ending.spawned:
             delay = self.host.maxRestartDelay
             _log.warn(
-                "worker {workerId} could not be spawned: trying again in {delay}",
+                "{who} could not be spawned: trying again in {delay}",
+                who=self.describe(),
                 workerId=self.workerId,
                 delay=seconds(delay),
             )
@@ -424,16 +425,23 @@ class SlotCore:
         steps = self.quickDeaths if failed else self.quickDeaths - 1
         delay = max(0.0, self.host.restartDelay(steps)) if steps > 0 else 0.0
         if delay <= 0:
-            _log.info("respawning worker {workerId}", workerId=self.workerId)
+            _log.info("respawning {who}", who=self.describe(), workerId=self.workerId)
         else:
             verb = "failed" if failed else "ended"
             _log.warn(
-                "worker {workerId} {ended} soon after starting: backing off for {delay}",
+                "{who} {ended} soon after starting: backing off for {delay}",
+                who=self.describe(),
                 workerId=self.workerId,
                 ended=verb if self.quickDeaths == 1 else f"{verb} {self.quickDeaths} times in a row",
                 delay=seconds(delay),
             )
         return delay
+
+    def describe(self) -> str:
+        """
+        The slot's worker id for a log line (id 0 is the agent's).
+        """
+        return "the agent" if self.workerId == 0 else f"worker {self.workerId}"
 
     def respawnTimer(self, delay: float):
         """

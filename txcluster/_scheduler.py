@@ -8,6 +8,10 @@ redistribution of everything a dead worker had not taken.  It never touches
 a socket, a reactor or a clock: the master feeds it events and executes the
 actions it returns.  Connections are opaque values (file descriptors in the
 master, plain integers in the tests).
+
+Under the sticky policy each client's connections go to one worker, chosen
+by rendezvous hashing (L{txcluster._proxy.rank}) over the ids of the
+workers taking connections.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from math import ceil
-from typing import Generic, Hashable, Iterable, Optional, TypeVar, Union
+from typing import Callable, Generic, Hashable, Iterable, Optional, TypeVar, Union
 
 from attrs import field, frozen, mutable
+
+from txcluster._proxy import preferred
 
 Conn = TypeVar("Conn", bound=Hashable)
 
 ROUND_ROBIN = "rr"
 LEAST_BUSY = "least-busy"
+STICKY = "sticky"
 
 #: Handoffs a worker may have unanswered.  Enough that a burst of
 #: long-lived connections splits evenly even while a worker is busy serving
@@ -142,21 +149,44 @@ class Dispatcher(Generic[Conn]):
     open connections (as reported, plus taken since the report, plus in
     flight).
 
+    With C{policy="sticky"} each connection goes to the worker whose id its
+    client ranks first (L{txcluster._proxy.rank} of C{keyOf(connection)})
+    among the ids of the workers taking connections; of two such workers
+    with one id (a worker and its replacement), to the one that joined
+    last.  While that worker's window is full its clients' connections
+    wait, in order, and nobody else's wait behind them.  Allowances count
+    what is sent, but do not limit it: a worker past its C{--max-requests}
+    still serves its clients until it is recycled.
+
     Every method returns the list of actions to carry out, in order.
     """
 
     def __init__(
-        self, policy: str = ROUND_ROBIN, window: int = DEFAULT_WINDOW, maxBatch: int = 253
+        self,
+        policy: str = ROUND_ROBIN,
+        window: int = DEFAULT_WINDOW,
+        maxBatch: int = 253,
+        keyOf: Optional[Callable[[Conn], bytes]] = None,
+        idOf: Optional[Callable[[Hashable], int]] = None,
     ) -> None:
-        if policy not in (ROUND_ROBIN, LEAST_BUSY):
+        """
+        @param keyOf: for C{"sticky"}: the key of a connection's client
+            (L{txcluster._proxy.clientKey} of its address).
+        @param idOf: for C{"sticky"}: the id of a worker, which its
+            replacement shares.
+        """
+        if policy not in (ROUND_ROBIN, LEAST_BUSY, STICKY):
             raise ValueError(f"unknown dispatch policy {policy!r}")
         if window < 1 or maxBatch < 1:
             raise ValueError("window and maxBatch must be at least 1")
+        if policy == STICKY and (keyOf is None or idOf is None):
+            raise ValueError("sticky dispatch needs keyOf and idOf")
         self.policy = policy
         self._window = window
         self._maxBatch = maxBatch
+        self._idOf = idOf
         self._members: dict[int, _Member] = {}
-        self._pending: deque = deque()
+        self._pending = _StickyQueue(keyOf) if policy == STICKY else deque()
         self._next = 0
         self._closed = False
 
@@ -340,6 +370,8 @@ class Dispatcher(Generic[Conn]):
     def _dispatch(self) -> list[Action]:
         if self._closed or not self._pending:
             return []
+        if self.policy == STICKY:
+            return self._handOff(self._stickyBatches())
         candidates, limited = self._candidates()
         if not candidates:
             return []
@@ -347,6 +379,9 @@ class Dispatcher(Generic[Conn]):
             batches = self._leastBusyBatches(candidates, limited)
         else:
             batches = self._roundRobinBatches(candidates, limited)
+        return self._handOff(batches)
+
+    def _handOff(self, batches: list) -> list[Action]:
         actions: list[Action] = []
         for member, batch in batches:
             handoff = Handoff(member.worker, tuple(batch))
@@ -392,6 +427,101 @@ class Dispatcher(Generic[Conn]):
         self._next = list(self._members).index(member.worker) + 1
         byId = {m.worker: m for m in candidates}
         return [(byId[worker], batch) for worker, batch in batches.items()]
+
+    def _stickyBatches(self) -> list:
+        owners: dict = {}
+        for member in self._members.values():
+            # In join order: of two members with one id, the later wins.
+            if member.taking:
+                owners[self._idOf(member.worker)] = member
+        self._pending.rankAmong(frozenset(owners))
+        batches = []
+        for workerId, member in owners.items():
+            if len(member.outstanding) < self._window:
+                batch = self._pending.take(workerId, self._maxBatch)
+                if batch:
+                    batches.append((member, batch))
+        return batches
+
+
+class _StickyQueue:
+    """
+    The connections waiting in a sticky L{Dispatcher}: one queue per worker
+    id, each connection in the queue of the id its client ranks first
+    among the ids last ranked among.  When those ids change, everything is
+    ranked again.
+
+    It does, for the dispatcher, what the other policies' C{deque} does:
+    count, iterate oldest first, C{extend}, C{extendleft} (put back in
+    front) and C{clear}.
+    """
+
+    def __init__(self, keyOf: Callable) -> None:
+        self._keyOf = keyOf
+        self._ids: frozenset = frozenset()
+        self._queues: dict[Optional[int], deque] = {}
+        # connection -> (place in the order of all waiting, client key)
+        self._waiting: dict = {}
+        self._front = 0
+        self._back = 0
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def __iter__(self):
+        return iter(sorted(self._waiting, key=lambda c: self._waiting[c][0]))
+
+    def extend(self, connections: Iterable) -> None:
+        for connection in connections:
+            key = self._keyOf(connection)
+            self._waiting[connection] = (self._back, key)
+            self._back += 1
+            self._queueFor(key).append(connection)
+
+    def extendleft(self, connections: Iterable) -> None:
+        # As deque.extendleft: each goes in front of the one before it.
+        for connection in connections:
+            key = self._keyOf(connection)
+            self._front -= 1
+            self._waiting[connection] = (self._front, key)
+            self._queueFor(key).appendleft(connection)
+
+    def clear(self) -> None:
+        self._waiting.clear()
+        self._queues.clear()
+
+    def rankAmong(self, ids: frozenset) -> None:
+        """
+        Queue every connection for the id among C{ids} its client ranks
+        first.
+        """
+        if ids == self._ids:
+            return
+        self._ids = ids
+        waiting = list(self)
+        self._queues.clear()
+        for connection in waiting:
+            self._queueFor(self._waiting[connection][1]).append(connection)
+
+    def take(self, workerId: int, most: int) -> list:
+        """
+        Up to C{most} of the connections waiting for C{workerId}, oldest
+        first, no longer waiting.
+        """
+        queue = self._queues.get(workerId)
+        if not queue:
+            return []
+        batch = [queue.popleft() for _ in range(min(most, len(queue)))]
+        for connection in batch:
+            del self._waiting[connection]
+        return batch
+
+    def _queueFor(self, key: bytes) -> deque:
+        target = preferred(key, self._ids) if self._ids else None
+        queue = self._queues.get(target)
+        if queue is None:
+            queue = self._queues[target] = deque()
+        return queue
 
 
 def _release(connections: tuple, taken: bool) -> list[Action]:
