@@ -78,6 +78,8 @@ class AgentSupervisionTests(ClusterTestsMixin, SynchronousTestCase):
         fresh = self.worker(AGENT_ID)
         self.assertIsNot(fresh, agent)
         self.assertEqual([w.workerId for w in self.spawner.running()], [1, AGENT_ID])
+        (row,) = [w for w in self.cluster.statistics().workers if w.workerId == AGENT_ID]
+        self.assertEqual((row.pid, row.restarts), (fresh.pid, 1))
 
     def test_giveUp(self) -> None:
         """

@@ -1631,6 +1631,29 @@ class StopTests(ClusterTestsMixin, SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.gaveUp, [])
 
+    def test_queueNobodyCanTake(self) -> None:
+        """
+        Connections queued for a listen no worker holds any more (its
+        worker died, and nothing respawns once the stop begins) do not
+        hold the stop for the graceful timeout: they are closed, said so.
+        """
+        cluster = self.readyCluster(1, listens=[LOCAL], gracefulTimeout=30, stableAfter=0)
+        handle = self.handle()
+        self.worker(1).exit(1)
+        client = socket.create_connection((handle.host, handle.port))
+        self.addCleanup(client.close)
+        for reader in list(self.reactor.readers):
+            reader.doRead()
+        self.assertEqual(cluster.statistics().pending, 1)
+        d = cluster.stopService()
+        self.spawner.flush()
+        for worker in self.spawner.running():
+            # The respawned worker, still booting: told to leave.
+            worker.exit(0)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertLogged("closed 1 accepted connections on")
+        self.assertNotLogged("connections still waiting for a worker after the graceful timeout")
+
     def test_killAfterGracefulTimeout(self) -> None:
         """
         A worker still running after the graceful timeout is killed.

@@ -14,9 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from txcluster._proxy import preferred, rank
 from txcluster._scheduler import (
     LEAST_BUSY,
     ROUND_ROBIN,
+    STICKY,
     Allowance,
     Dispatcher,
     DispatcherStatistics,
@@ -1168,3 +1170,497 @@ class AllowanceTests(SynchronousTestCase):
 
 def handoffs_(actions: list) -> list:
     return [a for a in actions if isinstance(a, Handoff)]
+
+
+# Sticky dispatch ------------------------------------------------------------------
+
+
+def clientOf(connection: int) -> bytes:
+    """
+    The key of connection C{connection}'s client: one of a hundred.
+    """
+    return b"client %d" % (connection % 100)
+
+
+def idOf(worker) -> int:
+    """
+    A worker's id: the worker itself, or the first of a C{(id, generation)}
+    pair (a worker and its replacement share an id).
+    """
+    return worker[0] if isinstance(worker, tuple) else worker
+
+
+def sticky(*workers, **kwargs) -> Dispatcher:
+    """
+    A sticky dispatcher that C{workers} joined, in that order.
+    """
+    dispatcher = Dispatcher(STICKY, keyOf=clientOf, idOf=idOf, **kwargs)
+    for worker in workers:
+        assert dispatcher.join(worker) == []
+    return dispatcher
+
+
+def connectionsOf(workerId: int, ids, count: int = 1, after: int = 0) -> list:
+    """
+    The first C{count} connections (from C{after} on) whose clients rank
+    C{workerId} first among C{ids}.
+    """
+    found = []
+    connection = after
+    while len(found) < count:
+        if preferred(clientOf(connection), ids) == workerId:
+            found.append(connection)
+        connection += 1
+    return found
+
+
+class StickyTests(SynchronousTestCase):
+    """
+    Sticky dispatch: a client's connections go to the worker its address
+    ranks first among the workers taking connections.
+    """
+
+    def test_needsKeyAndId(self) -> None:
+        """
+        A sticky dispatcher needs to know connections' clients and workers'
+        ids.
+        """
+        self.assertRaises(ValueError, Dispatcher, STICKY)
+        self.assertRaises(ValueError, Dispatcher, STICKY, keyOf=clientOf)
+        self.assertRaises(ValueError, Dispatcher, STICKY, idOf=idOf)
+        self.assertEqual(sticky().statistics().policy, STICKY)
+
+    def test_aClientStaysOnItsWorker(self) -> None:
+        """
+        Every connection of a client goes to the worker its key ranks
+        first, however many come and in whatever order.
+        """
+        dispatcher = sticky(0, 1, 2, 3)
+        served = {}
+        for connection in range(1000):
+            served.setdefault(clientOf(connection), set()).add(serveOne(dispatcher, connection))
+        self.assertEqual(len(served), 100)
+        for key, workers in served.items():
+            self.assertEqual(workers, {rank(key, range(4))[0]})
+        self.assertEqual(len(set().union(*served.values())), 4)
+
+    def test_oneBatchPerWorker(self) -> None:
+        """
+        What is accepted together goes out in one handoff per worker, each
+        in acceptance order.
+        """
+        dispatcher = sticky(0, 1, 2)
+        actions = dispatcher.accepted(list(range(30)))
+        self.assertEqual(sorted(c for a in actions for c in a.connections), list(range(30)))
+        for handoff in actions:
+            self.assertEqual(list(handoff.connections), sorted(handoff.connections))
+            for connection in handoff.connections:
+                self.assertEqual(handoff.worker, preferred(clientOf(connection), [0, 1, 2]))
+        self.assertEqual(len({a.worker for a in actions}), len(actions))
+
+    def test_nextInRankingWhenNotTaking(self) -> None:
+        """
+        While a client's first worker is not taking connections (booting,
+        draining), its connections go to the next in its ranking; back to
+        the first once it takes connections again.
+        """
+        [connection] = connectionsOf(2, [0, 1, 2, 3])
+        second = rank(clientOf(connection), [0, 1, 2, 3])[1]
+        dispatcher = sticky(0, 1, 3)
+        self.assertEqual(serveOne(dispatcher, connection), second)
+        dispatcher.join(2)
+        self.assertEqual(serveOne(dispatcher, connection + 100), 2)
+        dispatcher.leave(2)
+        self.assertEqual(serveOne(dispatcher, connection + 200), second)
+
+    def test_refusedGoesToTheNext(self) -> None:
+        """
+        What a worker refuses goes to the next worker of each client's
+        ranking.
+        """
+        dispatcher = sticky(0, 1, 2)
+        connections = connectionsOf(1, [0, 1, 2], 3)
+        handoff = only(dispatcher.accepted(connections))
+        self.assertEqual(handoff.worker, 1)
+        moved = handoffs(dispatcher.answered(handoff, 1)[1:])
+        expected = {}
+        for connection in connections[1:]:
+            expected.setdefault(rank(clientOf(connection), [0, 1, 2])[1], []).append(connection)
+        self.assertEqual(sorted(moved), sorted((w, tuple(c)) for w, c in expected.items()))
+
+    def test_replacementTakesOver(self) -> None:
+        """
+        Of two workers with one id (a worker and the replacement that is
+        starting while it drains), the one that joined last gets the id's
+        clients; when it goes, the other has them again.
+        """
+        old, new = (2, "old"), (2, "new")
+        dispatcher = sticky(0, 1, old)
+        connections = connectionsOf(2, [0, 1, 2], 3)
+        self.assertEqual(serveOne(dispatcher, connections[0]), old)
+        dispatcher.join(new)
+        self.assertEqual(serveOne(dispatcher, connections[1]), new)
+        dispatcher.lose(new)
+        self.assertEqual(serveOne(dispatcher, connections[2]), old)
+        third = (2, "third")
+        dispatcher.join(third)
+        dispatcher.leave(old)
+        self.assertEqual(serveOne(dispatcher, connections[2] + 100), third)
+        self.assertEqual(dispatcher.takers(), [0, 1, third])
+
+    def test_lostGoToTheReplacement(self) -> None:
+        """
+        What a worker had not answered when it died goes to the worker that
+        replaces it (same id), first.
+        """
+        old, new = (1, "old"), (1, "new")
+        dispatcher = sticky(0, old, window=1)
+        first, second = connectionsOf(1, [0, 1], 2)
+        only(dispatcher.accepted([first]))
+        dispatcher.join(new)
+        handoff = only(dispatcher.accepted([second]))
+        self.assertEqual(handoff.worker, new)
+        self.assertEqual(dispatcher.lose(old), [])
+        self.assertEqual(dispatcher.pending, 1)
+        moved = only(dispatcher.answered(handoff, 1)[1:])
+        self.assertEqual((moved.worker, moved.connections), (new, (first,)))
+
+    def test_lostGoToEachClientsNext(self) -> None:
+        """
+        When a worker dies, each connection it had not answered goes to the
+        next worker in its own client's ranking, oldest first.
+        """
+        dispatcher = sticky(0, 1, 2, 3)
+        connections = connectionsOf(3, [0, 1, 2, 3], 12)
+        only(dispatcher.accepted(connections))
+        moved = handoffs(dispatcher.lose(3))
+        expected: dict = {}
+        for connection in connections:
+            expected.setdefault(preferred(clientOf(connection), [0, 1, 2]), []).append(connection)
+        self.assertEqual(dict((w, list(c)) for w, c in moved), expected)
+        self.assertGreater(len(expected), 1)
+
+    def test_windowFullWaits(self) -> None:
+        """
+        When a client's worker has its window full, the client's
+        connections wait for it, in order, and other workers' clients are
+        not held up behind them.
+        """
+        dispatcher = sticky(0, 1, window=1)
+        ones = connectionsOf(1, [0, 1], 3)
+        zeros = connectionsOf(0, [0, 1], 2)
+        first = only(dispatcher.accepted(ones[:1]))
+        self.assertEqual(dispatcher.accepted(ones[1:2]), [])
+        toZero = only(dispatcher.accepted([ones[2], zeros[0]]))
+        self.assertEqual((toZero.worker, toZero.connections), (0, (zeros[0],)))
+        self.assertEqual(dispatcher.pending, 2)
+        self.assertEqual(dispatcher.answered(toZero, 1), [Release((zeros[0],), True)])
+        self.assertEqual(handoffs(dispatcher.accepted([zeros[1]])), [(0, (zeros[1],))])
+        actions = dispatcher.answered(first, 1)
+        self.assertEqual(handoffs(actions), [(1, tuple(ones[1:]))])
+        self.assertEqual(dispatcher.pending, 0)
+
+    def test_waitingMoveWhenTheirWorkerLeaves(self) -> None:
+        """
+        Connections waiting for a full worker go to their next worker when
+        it leaves: membership changes rank again.
+        """
+        dispatcher = sticky(0, 1, window=1)
+        ones = connectionsOf(1, [0, 1], 3)
+        only(dispatcher.accepted(ones[:1]))
+        dispatcher.accepted(ones[1:])
+        self.assertEqual(handoffs(dispatcher.leave(1)), [(0, tuple(ones[1:]))])
+
+    def test_maxBatch(self) -> None:
+        """
+        A handoff carries at most C{maxBatch} connections; the rest wait
+        for the worker's next turn.
+        """
+        dispatcher = sticky(0, maxBatch=2)
+        first = only(dispatcher.accepted([0, 1, 2, 3, 4]))
+        self.assertEqual(first.connections, (0, 1))
+        self.assertEqual(handoffs(dispatcher.answered(first, 2)[1:]), [(0, (2, 3))])
+
+    def test_nobodyTaking(self) -> None:
+        """
+        With no worker taking connections they wait, and go to their
+        clients' workers once there are some.
+        """
+        dispatcher = sticky()
+        self.assertEqual(dispatcher.accepted([0, 1, 2, 3]), [])
+        self.assertEqual(dispatcher.pending, 4)
+        self.assertEqual(handoffs(dispatcher.join(5)), [(5, (0, 1, 2, 3))])
+
+    def test_closeReleasesInOrder(self) -> None:
+        """
+        Closing releases what waits in the order it would have been sent:
+        connections put back in front first, then by acceptance.
+        """
+        dispatcher = sticky(0, window=1)
+        handoff = only(dispatcher.accepted([0, 1]))
+        self.assertEqual(dispatcher.accepted([2, 3]), [])
+        self.assertEqual(dispatcher.answered(handoff, 1), [Release((0,), True)])
+        self.assertEqual(dispatcher.takers(), [])
+        self.assertEqual(dispatcher.close(), [Release((1, 2, 3), False)])
+        self.assertEqual(dispatcher.pending, 0)
+
+    def test_allowanceCountsButDoesNotLimit(self) -> None:
+        """
+        A worker's allowance counts what sticky dispatch sends it, but a
+        worker past its limit still gets its clients.
+        """
+        allowance = Allowance(1)
+        dispatcher = Dispatcher(STICKY, keyOf=clientOf, idOf=idOf)
+        dispatcher.join(0, allowance)
+        dispatcher.join(1, Allowance(100))
+        connections = connectionsOf(0, [0, 1], 3)
+        [handoff] = dispatcher.accepted(connections)
+        self.assertEqual((handoff.worker, allowance.used), (0, 3))
+        dispatcher.answered(handoff, 2)
+        self.assertEqual(allowance.used, 2)
+
+    def test_keyReadOncePerConnection(self) -> None:
+        """
+        A connection's client key is read once while it waits, however
+        often it is ranked again.
+        """
+        calls = []
+
+        def keyOf(connection):
+            calls.append(connection)
+            return clientOf(connection)
+
+        dispatcher = Dispatcher(STICKY, window=1, keyOf=keyOf, idOf=idOf)
+        dispatcher.join(0)
+        only(dispatcher.accepted([0]))
+        dispatcher.accepted([1, 2, 3])
+        for worker in (1, 2, 3):
+            dispatcher.join(worker)
+            dispatcher.leave(worker)
+        self.assertEqual(sorted(calls), [0, 1, 2, 3])
+
+
+class StickyMovementTests(SynchronousTestCase):
+    """
+    Scaling a sticky handle moves about 1/N of the clients.
+    """
+
+    def placement(self, workers, keys) -> list:
+        """
+        Where each client of C{keys} goes with C{workers} taking
+        connections.
+        """
+        dispatcher = Dispatcher(STICKY, keyOf=keys.__getitem__, idOf=idOf)
+        for worker in workers:
+            dispatcher.join(worker)
+        placed = []
+        for connection in range(len(keys)):
+            placed.append(serveOne(dispatcher, connection))
+        return placed
+
+    @settings(max_examples=12, derandomize=True, deadline=None, database=None)
+    @given(
+        count=st.integers(min_value=2, max_value=8),
+        salt=st.binary(min_size=1, max_size=4),
+        removed=st.integers(min_value=0, max_value=7),
+    )
+    def test_aboutOneInNMove(self, count, salt, removed) -> None:
+        """
+        Adding a worker to N moves only clients to the new worker, about
+        1/(N+1) of a thousand; removing one moves only its own clients.
+        """
+        keys = [salt + b"%d" % n for n in range(1000)]
+        before = self.placement(range(count), keys)
+        grown = self.placement(range(count + 1), keys)
+        moved = [(b, a) for b, a in zip(before, grown) if b != a]
+        self.assertEqual({a for _, a in moved}, {count} if moved else set())
+        self.assertLess(abs(len(moved) / 1000 - 1 / (count + 1)), 0.05)
+        removed %= count
+        shrunk = self.placement([w for w in range(count) if w != removed], keys)
+        moved = [b for b, a in zip(before, shrunk) if b != a]
+        self.assertEqual(len(moved), before.count(removed))
+        self.assertEqual(set(moved), {removed} if moved else set())
+
+    def test_fourToFive(self) -> None:
+        """
+        From four workers to five, about a fifth of a thousand clients move.
+        """
+        keys = [b"10.0.%d.%d" % divmod(n, 256) for n in range(1000)]
+        four, five = self.placement(range(4), keys), self.placement(range(5), keys)
+        self.assertLess(abs(sum(a != b for a, b in zip(four, five)) / 1000 - 0.2), 0.04)
+
+    def test_deterministic(self) -> None:
+        """
+        Two dispatchers, with their workers joined in any order, place
+        every client alike.
+        """
+        keys = [b"%d" % n for n in range(300)]
+        self.assertEqual(self.placement([0, 1, 2, 3], keys), self.placement([3, 1, 0, 2], keys))
+
+
+class _StickyModel:
+    """
+    Drives a sticky L{Dispatcher} and keeps its own account: where every
+    connection is, and which worker each should go to.
+    """
+
+    def __init__(self, testCase, window: int) -> None:
+        self.t = testCase
+        self.window = window
+        self.dispatcher = Dispatcher(STICKY, window=window, keyOf=clientOf, idOf=idOf)
+        # worker -> [taking, outstanding handoffs], in join order
+        self.members: dict = {}
+        self.pending: list = []
+        self.inFlight: dict = {}
+        self.released: dict = {}
+        self.everSent: list = []
+        self.accepted = 0
+
+    def owners(self) -> dict:
+        owners = {}
+        for worker, (taking, _) in self.members.items():
+            if taking:
+                owners[idOf(worker)] = worker
+        return owners
+
+    def accept(self, count: int) -> None:
+        connections = list(range(self.accepted, self.accepted + count))
+        self.accepted += count
+        self.pending.extend(connections)
+        self._handoffs(self.dispatcher.accepted(connections))
+
+    def answer(self, index: int, count: int) -> None:
+        if not self.everSent:
+            return
+        handoff = self.everSent[index % len(self.everSent)]
+        actions = self.dispatcher.answered(handoff, count)
+        member = self.members.get(handoff.worker)
+        if member is None or not any(h is handoff for h in member[1]):
+            self.t.assertEqual(actions, [])
+            return
+        member[1].remove(handoff)
+        count = max(0, min(count, len(handoff.connections)))
+        taken, refused = handoff.connections[:count], handoff.connections[count:]
+        for c in handoff.connections:
+            del self.inFlight[c]
+        if taken:
+            self.t.assertEqual(actions[0], Release(taken, True))
+            actions = actions[1:]
+            self.released.update(dict.fromkeys(taken, True))
+        if refused:
+            member[0] = False
+        self._forgetIfIdle(handoff.worker)
+        self.pending[:0] = refused
+        self._handoffs(actions)
+
+    def join(self, worker) -> None:
+        if worker in self.members:
+            self.members[worker][0] = True
+        else:
+            self.members[worker] = [True, []]
+        self._handoffs(self.dispatcher.join(worker))
+
+    def leave(self, worker) -> None:
+        actions = self.dispatcher.leave(worker)
+        if worker in self.members:
+            self.members[worker][0] = False
+            self._forgetIfIdle(worker)
+        self._handoffs(actions)
+
+    def lose(self, worker) -> None:
+        actions = self.dispatcher.lose(worker)
+        if worker not in self.members:
+            self.t.assertEqual(actions, [])
+            return
+        _, outstanding = self.members.pop(worker)
+        unanswered = [c for h in outstanding for c in h.connections]
+        for c in unanswered:
+            del self.inFlight[c]
+        self.pending[:0] = unanswered
+        self._handoffs(actions)
+
+    def _forgetIfIdle(self, worker) -> None:
+        taking, outstanding = self.members[worker]
+        if not taking and not outstanding:
+            del self.members[worker]
+
+    def _handoffs(self, actions: list) -> None:
+        """
+        Every handoff goes to the worker owning the id its connections'
+        clients rank first, with room in its window, and carries the oldest
+        connections waiting for that worker, in order.
+        """
+        owners = self.owners()
+        for handoff in actions:
+            self.t.assertIsInstance(handoff, Handoff)
+            taking, outstanding = self.members[handoff.worker]
+            self.t.assertTrue(taking)
+            self.t.assertLess(len(outstanding), self.window)
+            workerId = idOf(handoff.worker)
+            self.t.assertIs(owners[workerId], handoff.worker)
+            waiting = [c for c in self.pending if preferred(clientOf(c), owners) == workerId]
+            self.t.assertEqual(list(handoff.connections), waiting[: len(handoff.connections)])
+            outstanding.append(handoff)
+            self.everSent.append(handoff)
+            for c in handoff.connections:
+                self.pending.remove(c)
+                self.inFlight[c] = handoff
+
+    def check(self) -> None:
+        """
+        Every connection is in one place, the dispatcher agrees, and nothing
+        waits while its worker has room.
+        """
+        t = self.t
+        places = [set(self.pending), set(self.inFlight), set(self.released)]
+        t.assertEqual(sum(map(len, places)), self.accepted)
+        t.assertEqual(set().union(*places), set(range(self.accepted)))
+        t.assertEqual(self.dispatcher.pending, len(self.pending))
+        t.assertEqual(self.dispatcher.inFlight(), len(self.inFlight))
+        t.assertEqual(self.dispatcher.takers(), [w for w, (taking, _) in self.members.items() if taking])
+        owners = self.owners()
+        for c in self.pending:
+            if owners:
+                worker = owners[preferred(clientOf(c), owners)]
+                t.assertEqual(len(self.members[worker][1]), self.window, f"{c} waits while {worker} has room")
+
+
+_stickyWorkers = st.tuples(st.integers(min_value=0, max_value=3), st.integers(min_value=0, max_value=1))
+
+
+class StickyPropertyTests(SynchronousTestCase):
+    """
+    Random histories of a sticky dispatcher never lose, duplicate or
+    misdirect a connection.
+    """
+
+    @_settings
+    @given(
+        window=st.integers(min_value=1, max_value=3),
+        operations=st.lists(
+            st.one_of(
+                st.tuples(st.just("accept"), st.integers(min_value=0, max_value=6)),
+                st.tuples(st.just("answer"), st.integers(min_value=0, max_value=50), st.integers(-1, 7)),
+                st.tuples(st.just("answer"), st.integers(min_value=0, max_value=50), st.integers(-1, 7)),
+                st.tuples(st.just("join"), _stickyWorkers),
+                st.tuples(st.just("leave"), _stickyWorkers),
+                st.tuples(st.just("lose"), _stickyWorkers),
+            ),
+            min_size=10,
+            max_size=50,
+        ),
+    )
+    def test_everyConnectionToItsWorker(self, window, operations) -> None:
+        """
+        Whatever happens (workers and their replacements joining, leaving,
+        dying, refusing), every connection is waiting, in flight or
+        released exactly once; every handoff goes to the worker its
+        clients rank first among those taking connections (the last joined
+        of an id), and carries the oldest connections waiting for it; and
+        nothing waits while the worker it waits for has room.
+        """
+        model = _StickyModel(self, window)
+        for name, *args in operations:
+            getattr(model, name)(*args)
+            model.check()
+        self.assertEqual(model.dispatcher.close(), [Release(tuple(model.pending), False)] if model.pending else [])

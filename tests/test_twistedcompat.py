@@ -9,6 +9,7 @@ one of them is found here.
 """
 
 import errno
+import ipaddress
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ import time
 from types import MethodType
 
 from twisted.internet import error, reactor, tcp, unix
-from twisted.internet.address import UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import Factory, Protocol
@@ -36,7 +37,10 @@ from zope.interface import implementer
 
 from txcluster._twistedcompat import (
     MAX_KEY_LENGTH,
+    PROXY_V1_PREFIX,
+    PROXY_V2_SIGNATURE,
     BatchingUNIXServer,
+    InvalidProxyHeader,
     SharedUNIXPort,
     adoptUNIXTransport,
     bindingOf,
@@ -45,6 +49,8 @@ from txcluster._twistedcompat import (
     makeConnectionQuietly,
     markTLS,
     outstandingRequests,
+    parseProxyV1,
+    parseProxyV2,
     pendingBytes,
     readingValue,
     responderFor,
@@ -1242,3 +1248,148 @@ class ChildReaderTests(unittest.TestCase):
             transport.signalProcess("KILL")
             await ended
         self.assertIsNone(childReader(object(), 1))
+
+
+# PROXY protocol --------------------------------------------------------------------
+
+
+def proxyV2(versionCommand: int, familyProtocol: int, body: bytes) -> bytes:
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([versionCommand, familyProtocol]) + len(body).to_bytes(2, "big") + body
+
+
+class ProxyParserTests(unittest.SynchronousTestCase):
+    """
+    L{parseProxyV1} and L{parseProxyV2}: C{twisted.protocols.haproxy}'s
+    C{V1Parser.parse} and C{V2Parser.parse}, with their exceptions.
+    """
+
+    def test_signatures(self) -> None:
+        """
+        Twisted's parsers know the headers by the signatures of the spec.
+        """
+        from twisted.protocols.haproxy import _v1parser, _v2parser
+
+        self.assertEqual(PROXY_V1_PREFIX, b"PROXY ", followChange("changed V1Parser.PROXYSTR", "PROXY_V1_PREFIX"))
+        self.assertEqual(
+            PROXY_V2_SIGNATURE,
+            b"\r\n\r\n\x00\r\nQUIT\n",
+            followChange("changed V2Parser.PREFIX", "PROXY_V2_SIGNATURE"),
+        )
+        self.assertTrue(hasattr(_v1parser.V1Parser, "parse"), followChange("no longer has V1Parser.parse", "parseProxyV1"))
+        self.assertTrue(hasattr(_v2parser.V2Parser, "parse"), followChange("no longer has V2Parser.parse", "parseProxyV2"))
+
+    def test_exceptions(self) -> None:
+        """
+        Every error Twisted's parsers raise for a bad header is an
+        C{InvalidProxyHeader}.
+        """
+        from twisted.protocols.haproxy import _exceptions
+
+        for name in ("InvalidNetworkProtocol", "MissingAddressData"):
+            self.assertTrue(
+                issubclass(getattr(_exceptions, name), InvalidProxyHeader),
+                followChange(f"no longer makes {name} an InvalidProxyHeader", "InvalidProxyHeader"),
+            )
+
+    def test_v1(self) -> None:
+        """
+        C{V1Parser.parse} gives a TCP4 or TCP6 line's addresses as Twisted
+        addresses, and none for UNKNOWN.
+        """
+        self.assertEqual(
+            parseProxyV1(b"PROXY TCP4 192.0.2.1 198.51.100.1 1234 80"),
+            (IPv4Address("TCP", "192.0.2.1", 1234), IPv4Address("TCP", "198.51.100.1", 80)),
+            followChange("changed what V1Parser.parse gives for TCP4", "parseProxyV1"),
+        )
+        self.assertEqual(
+            parseProxyV1(b"PROXY TCP6 2001:db8::1 ::1 1234 80"),
+            (IPv6Address("TCP", "2001:db8::1", 1234), IPv6Address("TCP", "::1", 80)),
+            followChange("changed what V1Parser.parse gives for TCP6", "parseProxyV1"),
+        )
+        self.assertEqual(
+            parseProxyV1(b"PROXY UNKNOWN ::1 ::1 1 2"),
+            (None, None),
+            followChange("changed what V1Parser.parse gives for UNKNOWN", "parseProxyV1"),
+        )
+
+    def test_v1Quirks(self) -> None:
+        """
+        Twisted refuses a bare C{"PROXY UNKNOWN"} (what HAProxy sends) and
+        lets C{ValueError} out for a bad port or a non-ASCII address:
+        L{parseProxyV1} reads the first and turns the others into
+        C{InvalidProxyHeader}.
+        """
+        from twisted.protocols.haproxy._v1parser import V1Parser
+
+        try:
+            V1Parser.parse(b"PROXY UNKNOWN")
+        except InvalidProxyHeader:
+            pass
+        else:
+            self.fail("Twisted now reads a bare 'PROXY UNKNOWN': txcluster._twistedcompat.parseProxyV1 may read it as is")
+        self.assertEqual(parseProxyV1(b"PROXY UNKNOWN"), (None, None))
+        for line in (b"PROXY TCP4 192.0.2.1 198.51.100.1 http 80", b"PROXY TCP4 192.0.2.\xff 198.51.100.1 1 80"):
+            self.assertRaises((ValueError, InvalidProxyHeader), V1Parser.parse, line)
+            self.assertRaises(InvalidProxyHeader, parseProxyV1, line)
+        for line in (b"PROXY", b"PROXY TCP4", b"PROXY UDP4 1 2 3 4", b"PROXY TCP4 192.0.2.1 198.51.100.1 1"):
+            self.assertRaises(InvalidProxyHeader, parseProxyV1, line)
+
+    def test_v2(self) -> None:
+        """
+        C{V2Parser.parse} gives a PROXY command's IPv4 or IPv6 addresses
+        (IPv6 written in full), none for LOCAL or UNSPEC, and ignores the
+        TLVs after the addresses.
+        """
+        tcp4 = bytes([192, 0, 2, 1, 198, 51, 100, 1]) + (1234).to_bytes(2, "big") + (80).to_bytes(2, "big")
+        tlvs = b"\x01\x00\x02h2"
+        self.assertEqual(
+            parseProxyV2(proxyV2(0x21, 0x11, tcp4 + tlvs)),
+            (IPv4Address("TCP", "192.0.2.1", 1234), IPv4Address("TCP", "198.51.100.1", 80)),
+            followChange("changed what V2Parser.parse gives for TCP over IPv4", "parseProxyV2"),
+        )
+        tcp6 = bytes(15) + b"\x01" + bytes(15) + b"\x02" + (1).to_bytes(2, "big") + (2).to_bytes(2, "big")
+        source, destination = parseProxyV2(proxyV2(0x21, 0x21, tcp6))
+        self.assertEqual(
+            [(type(a), a.type, ipaddress.ip_address(a.host), a.port) for a in (source, destination)],
+            [(IPv6Address, "TCP", ipaddress.ip_address("::1"), 1), (IPv6Address, "TCP", ipaddress.ip_address("::2"), 2)],
+            followChange("changed what V2Parser.parse gives for TCP over IPv6", "parseProxyV2"),
+        )
+        self.assertEqual(parseProxyV2(proxyV2(0x20, 0x00, b"")), (None, None), followChange("changed LOCAL", "parseProxyV2"))
+        self.assertEqual(parseProxyV2(proxyV2(0x21, 0x00, b"")), (None, None), followChange("changed UNSPEC", "parseProxyV2"))
+
+    def test_v2Invalid(self) -> None:
+        """
+        A bad version, command, family or protocol, or too few address
+        bytes: C{InvalidProxyHeader}.
+        """
+        tcp4 = bytes(12)
+        for header in (
+            proxyV2(0x11, 0x11, tcp4),
+            proxyV2(0x23, 0x11, tcp4),
+            proxyV2(0x21, 0x41, tcp4),
+            proxyV2(0x21, 0x14, tcp4),
+            proxyV2(0x21, 0x11, tcp4[:11]),
+            proxyV2(0x21, 0x31, tcp4),
+        ):
+            self.assertRaises(InvalidProxyHeader, parseProxyV2, header)
+
+
+class GenericHTTPChannelTests(unittest.SynchronousTestCase):
+    """
+    L{channelOfGenericHTTP}: the C{HTTPChannel} behind C{Site}'s protocol.
+    """
+
+    def test_site(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.web import http, resource, server
+
+        from txcluster._twistedcompat import channelOfGenericHTTP
+
+        protocol = server.Site(resource.Resource()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.assertIsInstance(
+            channelOfGenericHTTP(protocol),
+            http.HTTPChannel,
+            followChange("Site no longer builds a _GenericHTTPChannelProtocol with a _channel", "channelOfGenericHTTP"),
+        )
+        channel = http.HTTPChannel()
+        self.assertIs(channelOfGenericHTTP(channel), channel)

@@ -388,7 +388,9 @@ class ControlProtocol(amp.AMP):
     def stop(self) -> defer.Deferred:
         cluster = self._server.cluster
         started = cluster.reactor.seconds()
-        count = len([w for w in cluster.statistics().workers if w.pid is not None])
+        running = [w for w in cluster.statistics().workers if w.pid is not None]
+        count = len([w for w in running if w.workerId != AGENT_ID])
+        agent = " and the agent" if len(running) > count else ""
         stopped = cluster.whenStopped()
         if cluster.stopping:
             _log.info("{client} asked the master to stop: it is stopping already; draining now", client=self.describe())
@@ -399,7 +401,8 @@ class ControlProtocol(amp.AMP):
 
         def done(_):
             took = cluster.reactor.seconds() - started
-            return {"summary": f"stopped: {_count(count, 'worker process', 'worker processes')} gone in {took:.1f} s"}
+            gone = _count(count, "worker process", "worker processes")
+            return {"summary": f"stopped: {gone}{agent} gone in {took:.1f} s"}
 
         return stopped.addCallback(done)
 

@@ -227,6 +227,7 @@ class HandleTable:
             self._run(handle, handle.dispatcher.leave(worker))
         if not handle.members and not handle.declared:
             self._closeHandle(handle, "its last worker closed it")
+        self._checkIdle()
         return handle
 
     def lose(self, worker: Hashable, keepOrphans: bool) -> None:
@@ -242,6 +243,7 @@ class HandleTable:
                 handle.members.discard(worker)
                 if not handle.members and not keepOrphans and not handle.declared:
                     self._closeHandle(handle, "its last worker is gone")
+        self._checkIdle()
 
     def reportLoad(self, worker: Hashable, connections: int) -> None:
         for handle in self._byId.values():
@@ -489,7 +491,10 @@ class HandleTable:
     def _busy(self) -> bool:
         for handle in self._byId.values():
             if handle.dispatcher is not None:
-                if handle.dispatcher.pending or handle.dispatcher.inFlight():
+                # Once the master stops accepting, a queue no worker listens
+                # for waits for nobody (nothing respawns): it is not work.
+                waiting = handle.dispatcher.pending and (handle.members or self._accepting)
+                if waiting or handle.dispatcher.inFlight():
                     return True
         return False
 

@@ -602,5 +602,11 @@ def _exitProcessAfterReactor(reactor, code: int) -> None:
 
     atexit.register(exit)
     if reactor.running:
-        reactor.stop()
+        from twisted.internet.error import ReactorNotRunning
+
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            # A stop signal stopped it first.
+            pass
 

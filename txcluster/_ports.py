@@ -72,6 +72,12 @@ class ConnectionTracker:
         connection.connectionLost = connectionLost
         self._changed(1)
 
+    def connections(self) -> list:
+        """
+        The connections still open (transports or protocols).
+        """
+        return list(self._open.values())
+
     def abortAll(self) -> int:
         """
         Close every connection still open, at once.

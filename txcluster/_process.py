@@ -266,6 +266,8 @@ class WorkerOutput(ProcessProtocol):
         self.pid = self.transport.pid
 
     def system(self) -> str:
+        if self.workerId == 0:
+            return f"agent pid {self.pid}"
         return f"worker {self.workerId} pid {self.pid}"
 
     def _now(self) -> float:

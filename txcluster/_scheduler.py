@@ -171,7 +171,10 @@ class Dispatcher(Generic[Conn]):
     ) -> None:
         """
         @param keyOf: for C{"sticky"}: the key of a connection's client
-            (L{txcluster._proxy.clientKey} of its address).
+            (L{txcluster._proxy.clientKey} of its address), read once as
+            the connection starts to wait (and again if it comes back
+            refused or lost).  It must not raise: C{b""} for a connection
+            whose peer is unknown.
         @param idOf: for C{"sticky"}: the id of a worker, which its
             replacement shares.
         """

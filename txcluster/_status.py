@@ -124,10 +124,12 @@ class ClusterStatus:
         heartbeat = supervisor.heartbeat
         workers = []
         for process in self._processes.sorted():
-            slot = supervisor.slots.get(process.workerId)
+            slot = supervisor.slotOf(process) or supervisor.slots.get(process.workerId)
             usage, cpuPercent = self._usage.sample(process, process.pid, process.forkedAt)
-            memory = supervisor.recycler.memoryOf(process)
-            if memory is None and process.pid is not None and process.phase is not Phase.DEAD:
+            # Read now: a sample of --max-memory may be old (and a draining
+            # worker is not sampled).
+            memory = None
+            if process.pid is not None and process.phase is not Phase.DEAD:
                 memory = supervisor.recycler.readMemory(process.pid)
             if usage is not None:
                 cluster.recorder.cpu(process.workerId, process.serial, usage.cpuSeconds)

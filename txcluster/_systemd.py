@@ -110,9 +110,12 @@ def watchdogInterval(environ: Mapping[str, str], pid: int) -> Optional[float]:
     systemd asked for it for this process (C{$WATCHDOG_PID} unset or this
     pid); L{None} otherwise.
     """
+    if not environ.get("WATCHDOG_USEC"):
+        return None
     try:
-        usec = int(environ.get("WATCHDOG_USEC", ""))
+        usec = int(environ["WATCHDOG_USEC"])
     except ValueError:
+        _log.warn("ignoring WATCHDOG_USEC={value!r}: not a number of microseconds", value=environ["WATCHDOG_USEC"])
         return None
     watched = environ.get("WATCHDOG_PID")
     if usec <= 0 or (watched and watched != str(pid)):
@@ -142,7 +145,8 @@ def describeStatus(cluster, stopping: bool = False, starting: Optional[int] = No
     connections = "connection" if handed == 1 else "connections"
     if stopping or cluster.stopping:
         running = sum(1 for w in statistics.workers if w.pid is not None)
-        return f"stopping: {running} worker {'process' if running == 1 else 'processes'} to finish"
+        why = "giving up (too many failures; see the log)" if cluster.exitCode else "stopping"
+        return f"{why}: {running} worker {'process' if running == 1 else 'processes'} to finish"
     progress = (0, starting) if starting is not None else cluster.reloadProgress()
     ready = f"{statistics.ready}/{statistics.workerCount} workers ready"
     if progress is not None:
@@ -187,7 +191,8 @@ class SystemdNotify(service.Service):
         super().startService()
         clock = self._cluster.reactor
         self._cluster.addObserver(self._event)
-        self._notifier.send(MAINPID=self._pid, STATUS=f"starting {self._cluster.config.workers} workers")
+        workers = self._cluster.config.workers
+        self._notifier.send(MAINPID=self._pid, STATUS=f"starting {workers} worker{'' if workers == 1 else 's'}")
         _log.info(
             "telling systemd about the cluster on {address}{watchdog}",
             address=self._notifier.address.replace("\0", "@"),
@@ -328,7 +333,8 @@ def _missing(inherited: Inherited, passed: list) -> str:
         return (
             "systemd passed no sockets to this process (LISTEN_FDS and LISTEN_PID are not set for "
             "it: start it from a .socket unit, or with systemd-socket-activate, and run twistd "
-            "with --nodaemon)"
+            "with --nodaemon; twist never daemonizes; Twisted also ignores the sockets when "
+            "LISTEN_FDNAMES is missing: give systemd-socket-activate --fdname=NAME)"
         )
     which = ", ".join(f"index={i} name={name}" for i, (_, name, _) in enumerate(passed))
     return f"systemd passed no such socket; it passed {which}"

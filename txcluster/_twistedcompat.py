@@ -45,6 +45,9 @@ What is used, and why:
     C{_v2parser.V2Parser}, C{_exceptions}), used on a complete header,
     without Twisted's wrapper (which refuses a header that arrives in
     pieces).
+  - L{channelOfGenericHTTP}: the C{HTTPChannel} behind the protocol
+    C{twisted.web.server.Site} builds (C{_GenericHTTPChannelProtocol},
+    its C{_channel}), to end keep-alive when a worker leaves.
 """
 
 from __future__ import annotations
@@ -332,3 +335,22 @@ def parseProxyV2(header: bytes) -> tuple:
     except (ValueError, KeyError, struct.error) as e:
         raise InvalidProxyHeader(str(e)) from e
     return info.source, info.destination
+
+
+# twisted.web ------------------------------------------------------------------
+
+
+def channelOfGenericHTTP(protocol):
+    """
+    The channel behind C{protocol} when it is the protocol C{Site} builds
+    (C{http._GenericHTTPChannelProtocol}, which switches between HTTP/1
+    and HTTP/2 by ALPN): its C{_channel}; otherwise C{protocol} itself.
+    twisted.web is not imported for it.
+    """
+    import sys
+
+    http = sys.modules.get("twisted.web.http")
+    generic = getattr(http, "_GenericHTTPChannelProtocol", None)
+    if generic is not None and isinstance(protocol, generic):
+        return protocol._channel
+    return protocol

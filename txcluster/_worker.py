@@ -53,6 +53,7 @@ from txcluster._commands import (
     encodeMessage,
 )
 from txcluster._deferreds import observe
+from txcluster._keepalive import IDLE_GRACE, endAllKeepAlive
 from txcluster._ports import AdoptedPort, ConnectionTracker, DispatchedPort, trackingFactory
 from txcluster._twistedcompat import SharedUNIXPort
 from txcluster._workerchannel import MasterUnavailable, WorkerChannel
@@ -251,8 +252,9 @@ class Worker:
             self.channel.callRemote(Leaving, why=why)
         wait = ownDeadline(timeout)
         _log.info(
-            "worker {workerId} (pid {pid}) leaving ({why}): closing {ports} listeners, "
+            "{who} (pid {pid}) leaving ({why}): closing {ports} listeners, "
             "{open} connections open; its application stops now",
+            who="the agent" if self.agent is not None else f"worker {self.id}",
             workerId=self.id,
             pid=self.pid,
             why=why or "the master asked",
@@ -261,6 +263,8 @@ class Worker:
         )
         timer = self.reactor.callLater(wait, self._drainTimedOut, wait)
         self._drained.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        # HTTP keep-alive would hold the clients here: send them away.
+        endAllKeepAlive(self.tracker.connections(), min(IDLE_GRACE, wait))
         closing = [defer.maybeDeferred(port.stopListening) for port in list(self._ports.values())]
         defer.DeferredList(closing, consumeErrors=True).addCallback(lambda _: self._checkDrained())
         if not self._stopping:
@@ -434,11 +438,12 @@ class Worker:
             from txcluster._lifecycle import seconds
 
             _log.warn(
-                "worker {workerId} (pid {pid}): {open} connections still open after {waited}; "
+                "worker {workerId} (pid {pid}): {open} {connections} still open after {waited}; "
                 "closing them",
                 workerId=self.id,
                 pid=self.pid,
                 open=self.openConnections,
+                connections="connection" if self.openConnections == 1 else "connections",
                 waited=seconds(waited),
             )
             self.tracker.abortAll()

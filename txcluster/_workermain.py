@@ -245,7 +245,9 @@ def main(argv=None, environ=None) -> None:
     reactor.callWhenRunning(installSignals)
     reactor.callWhenRunning(worker.ready)
     reactor.run()
-    log.info("worker {workerId} (pid {pid}) stopped", workerId=workerId, pid=os.getpid())
+    log.info(
+        "{who} (pid {pid}) stopped", who="the agent" if isAgent else f"worker {workerId}", workerId=workerId, pid=os.getpid()
+    )
     logFile.flush()
     sys.exit(0)
 

@@ -400,7 +400,13 @@ class SignalControl(service.Service):
             self._stopRequested = True
             log.info("{signal}: stopping gracefully", signal=name)
             if reactor.running:
-                reactor.stop()
+                from twisted.internet.error import ReactorNotRunning
+
+                try:
+                    reactor.stop()
+                except ReactorNotRunning:
+                    # A give-up stopped it already.
+                    pass
         return defer.succeed(None)
 
     def stopFromControl(self) -> None:
