@@ -7,9 +7,11 @@ in-memory transport and a fake clock.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import policies
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
 
@@ -43,10 +45,12 @@ class KeepAliveTests(SynchronousTestCase):
         site = server.Site(self.resource)
         site.callLater = self.clock.callLater
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        channel = httpChannel(protocol)
+        # Every timer on the fake clock, the first (connectionMade's) too.
+        channel.callLater = self.clock.callLater
         transport = StringTransport()
         protocol.makeConnection(transport)
-        channel = httpChannel(protocol)
-        channel.callLater = self.clock.callLater
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
         return protocol, transport, channel
 
     def test_persistentUntilTheWorkerLeaves(self) -> None:
