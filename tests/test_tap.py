@@ -68,6 +68,24 @@ class OptionsTests(SynchronousTestCase):
         config = tap.configFromOptions(options)
         self.assertEqual((config.agent, config.agentTimeout), (app("whoami.tac"), 2.5))
 
+    def test_proxyOptions(self):
+        """
+        C{--proxy-protocol}, C{--proxy-allow-from} (repeatable; loopback by
+        default) and C{--proxy-timeout} reach the config, and C{sticky}
+        scheduling is a choice.
+        """
+        config = tap.configFromOptions(parse("--app", app("web.tac")))
+        self.assertEqual((config.proxyProtocol, config.proxyAllowFrom, config.proxyTimeout), (False, ("127.0.0.0/8", "::1/128"), 5.0))
+        options = parse(
+            "--app", app("web.tac"), "--proxy-protocol", "--proxy-allow-from", "10.0.0.0/8",
+            "--proxy-allow-from", "192.0.2.7", "--proxy-timeout", "2", "--scheduling", "sticky",
+        )
+        config = tap.configFromOptions(options)
+        self.assertEqual(
+            (config.proxyProtocol, config.proxyAllowFrom, config.proxyTimeout, config.scheduling),
+            (True, ("10.0.0.0/8", "192.0.2.7"), 2.0, "sticky"),
+        )
+
     def test_recyclingOptions(self):
         """
         C{--max-memory}, C{--memory-interval}, C{--max-lifetime} and
@@ -157,6 +175,10 @@ class OptionsTests(SynchronousTestCase):
             (["--agent", "/nonexistent/agent.tac"], "--agent"),
             (["--agent", "/tmp"], "--agent"),
             (["--agent-timeout", "0"], "--agent-timeout"),
+            (["--proxy-protocol", "--proxy-allow-from", "10.0.0.0/33"], "--proxy-allow-from"),
+            (["--proxy-allow-from", "10.0.0.1"], "--proxy-allow-from"),
+            (["--proxy-protocol", "--proxy-timeout", "0"], "--proxy-timeout"),
+            (["--scheduling", "stickyish"], "--scheduling"),
             (["--agent-timeout", "soon"], "--agent-timeout"),
             (["--max-memory", "-1"], "--max-memory"),
             (["--max-memory", "lots"], "--max-memory"),

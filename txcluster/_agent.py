@@ -98,8 +98,9 @@ class AgentRelay:
         waiting, self._waiting = self._waiting, []
         if waiting:
             _log.info(
-                "the agent is ready: sending it {count} requests that waited for it",
+                "the agent is ready: sending it {count} {requests} that waited for it",
                 count=len(waiting),
+                requests="request" if len(waiting) == 1 else "requests",
             )
         for request in waiting:
             self._send(request)

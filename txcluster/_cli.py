@@ -250,7 +250,8 @@ class _Client:
                 print((await protocol.callRemote(Stop))["summary"], file=self.out)
             elif command == "stacks":
                 answer = await protocol.callRemote(Stacks, workerId=self.options.workerId)
-                print(f"worker {self.options.workerId} (pid {answer['pid']}):", file=self.out)
+                who = "agent" if self.options.workerId == 0 else f"worker {self.options.workerId}"
+                print(f"{who} (pid {answer['pid']}):", file=self.out)
                 print(answer["stacks"].rstrip("\n"), file=self.out)
             elif command == "watch":
                 await protocol.callRemote(Watch)

@@ -53,6 +53,8 @@ ENV_MASTER_PID = "TXCLUSTER_MASTER_PID"
 ENV_GRACEFUL_TIMEOUT = "TXCLUSTER_GRACEFUL_TIMEOUT"
 #: C{agent} in the agent process (C{--agent}); unset in workers.
 ENV_ROLE = "TXCLUSTER_ROLE"
+#: Under C{--proxy-protocol}: JSON C{{"allow": [...], "timeout": seconds}}.
+ENV_PROXY = "TXCLUSTER_PROXY"
 
 #: The worker id the agent goes by (workers count from 1).
 AGENT_ID = 0

@@ -21,17 +21,19 @@ from txcluster._scheduler import (
     Allowance,
     LEAST_BUSY,
     ROUND_ROBIN,
+    STICKY,
     Dispatcher,
     DispatcherStatistics,
     Handoff,
     Release,
 )
 from txcluster._sockets import AcceptReader, ListenKey, bindSocket, boundAddress, printablePath
+from txcluster._sticky import ClientKeys
 
 _log = Logger(namespace="txcluster.master")
 
 SHARED = "shared"
-SCHEDULING = (ROUND_ROBIN, SHARED, LEAST_BUSY)
+SCHEDULING = (ROUND_ROBIN, SHARED, LEAST_BUSY, STICKY)
 
 
 @mutable(eq=False)
@@ -98,6 +100,7 @@ class HandleTable:
         resume below half of it.
     @param adopted: C{(seconds, count)}: C{count} connections were taken
         by a worker C{seconds} after they were accepted.
+    @param keys: the L{ClientKeys} of sticky handles' connections.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class HandleTable:
         resourcePause: float = 0.5,
         badAnswer: Callable[[Hashable, str], None] = lambda worker, why: None,
         adopted: Optional[Callable[[float, int], None]] = None,
+        keys: Optional[ClientKeys] = None,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"unknown scheduling {scheduling!r}")
@@ -123,6 +127,8 @@ class HandleTable:
         self._resourcePause = resourcePause
         self._badAnswer = badAnswer
         self._adopted = adopted
+        #: Who each connection's client is, for sticky handles.
+        self.keys = keys if keys is not None else ClientKeys(reactor)
         # When each connection the master holds was accepted.
         self._acceptedAt: dict[int, float] = {}
         self._byKey: dict[ListenKey, Handle] = {}
@@ -149,17 +155,7 @@ class HandleTable:
         return list(self._byId.values())
 
     def statistics(self) -> tuple:
-        return tuple(
-            HandleStatistics(
-                listenId=h.listenId,
-                address=h.describe(),
-                scheduling=h.scheduling,
-                workers=len(h.members),
-                accepted=h.accepted,
-                dispatch=None if h.dispatcher is None else h.dispatcher.statistics(),
-            )
-            for h in self._byId.values()
-        )
+        return tuple(map(_statistics, self._byId.values()))
 
     # Worker requests
 
@@ -324,7 +320,9 @@ class HandleTable:
         )
         self._nextId += 1
         if scheduling != SHARED:
-            handle.dispatcher = Dispatcher(scheduling, window=self._window, maxBatch=self._maxBatch)
+            handle.dispatcher = Dispatcher(
+                scheduling, self._window, self._maxBatch, keyOf=self.keys.keyOf, idOf=_workerIdOf
+            )
             handle.reader = AcceptReader(
                 sock,
                 lambda fds, handle=handle: self._accepted(handle, fds),
@@ -341,7 +339,10 @@ class HandleTable:
         handle.accepted += len(fds)
         if self._adopted is not None:
             self._acceptedAt.update(dict.fromkeys(fds, self._reactor.seconds()))
-        self._run(handle, handle.dispatcher.accepted(fds))
+        if handle.scheduling == STICKY:
+            self.keys.admit(fds, lambda known: self._run(handle, handle.dispatcher.accepted(known)))
+        else:
+            self._run(handle, handle.dispatcher.accepted(fds))
 
     def _run(self, handle: Handle, actions: list) -> None:
         for action in actions:
@@ -496,10 +497,26 @@ class HandleTable:
                 waiting = handle.dispatcher.pending and (handle.members or self._accepting)
                 if waiting or handle.dispatcher.inFlight():
                     return True
-        return False
+        return self.keys.waiting > 0
 
     def _checkIdle(self) -> None:
         if self._idleWaiters and not self._busy():
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
                 d.callback(None)
+
+
+def _statistics(h: Handle) -> HandleStatistics:
+    return HandleStatistics(
+        listenId=h.listenId,
+        address=h.describe(),
+        scheduling=h.scheduling,
+        workers=len(h.members),
+        accepted=h.accepted,
+        dispatch=None if h.dispatcher is None else h.dispatcher.statistics(),
+    )
+
+
+def _workerIdOf(worker) -> int:
+    # Sticky dispatch ranks worker ids: a replacement has its worker's.
+    return worker.workerId

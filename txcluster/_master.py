@@ -22,6 +22,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from txcluster._agent import AGENT_TIMEOUT
+from txcluster._proxy import DEFAULT_ALLOW, DEFAULT_HEADER_TIMEOUT, AllowList
 from txcluster._access import ListenPolicy, parseDeclared, parsePattern, workerIdentity
 from txcluster._commands import AGENT_ID
 from txcluster._handles import SCHEDULING, SHARED, HandleStatistics, HandleTable
@@ -34,6 +35,7 @@ from txcluster._process import StacksUnavailable, spawnWorker
 from txcluster._processes import CHANNEL_LOST_GRACE, STACK_DUMP_GRACE, ProcessTable
 from txcluster._recycling import MEMORY_INTERVAL
 from txcluster._scheduler import DEFAULT_WINDOW
+from txcluster._sticky import ClientKeys
 from txcluster._status import ClusterStatistics, ClusterStatus, WorkerStatistics
 from txcluster._supervisor import Supervisor, _firstFailure
 
@@ -114,6 +116,10 @@ class ClusterConfig:
         started before the workers and stopped after them (L{None}: none).
     @ivar agentTimeout: how long a worker's C{askAgent} waits for the
         agent to answer (or to come back from a restart).
+    @ivar proxyProtocol: every stream listen expects a PROXY protocol
+        header (v1 or v2) from a balancer in C{proxyAllowFrom} (addresses
+        and networks), within C{proxyTimeout} seconds; the application sees
+        the client's address as its peer.
     """
 
     app: str
@@ -142,6 +148,9 @@ class ClusterConfig:
     maxLifetime: float = field(default=0.0, converter=float, validator=_positive)
     maxLifetimeJitter: float = field(default=0.0, converter=float, validator=_positive)
     agent: Optional[str] = None
+    proxyProtocol: bool = False
+    proxyAllowFrom: tuple = field(default=DEFAULT_ALLOW, converter=tuple, validator=lambda i, a, v: AllowList.fromStrings(v))
+    proxyTimeout: float = field(default=DEFAULT_HEADER_TIMEOUT, converter=float, validator=validators.gt(0))
     agentTimeout: float = field(default=AGENT_TIMEOUT, converter=float, validator=validators.gt(0))
 
     def __attrs_post_init__(self) -> None:
@@ -263,6 +272,7 @@ class ClusterService(service.Service):
             window=self._handoffWindow,
             badAnswer=lambda process, why: self._processes.misbehaved(process, why),
             adopted=self.recorder.handoffLatency,
+            keys=ClientKeys(self.reactor, self.config.proxyProtocol, self.config.proxyTimeout),
         )
         supervisor.restarted = self.recorder.restarted
         supervisor.roundTrip = self.recorder.heartbeat

@@ -56,6 +56,10 @@ MAX_BYTES = 8 * 1024 * 1024
 #: family of that name would clash with the master's, and is left out.
 RESERVED_PREFIXES = ("txcluster_",)
 
+#: txcluster's own families that the workers report (with the
+#: application's): they are not the master's, and so pass.
+WORKER_FAMILIES = frozenset({"txcluster_proxy_rejected_connections"})
+
 #: The states of a worker process in the master's snapshot.
 WORKER_STATES = ("starting", "online", "ready", "draining", "leaving", "failing", "waiting")
 
@@ -329,7 +333,7 @@ def _parseExposition(
     for metric in metrics:
         if metric.name in created:
             continue
-        if metric.name.startswith(tuple(reserved)):
+        if metric.name.startswith(tuple(reserved)) and metric.name not in WORKER_FAMILIES:
             skipped.append(metric.name)
             continue
         kind = "gaugehistogram" if metric.name in gaugeHistograms else _KINDS.get(metric.type, "unknown")

@@ -210,6 +210,11 @@ class ProcessTable:
         env = dict(os.environ if self._config.env is None else self._config.env)
         env[_commands.ENV_GRACEFUL_TIMEOUT] = repr(self._config.gracefulTimeout)
         app = self._config.app
+        env.pop(_commands.ENV_PROXY, None)
+        if self._config.proxyProtocol:
+            env[_commands.ENV_PROXY] = json.dumps(
+                {"allow": list(self._config.proxyAllowFrom), "timeout": self._config.proxyTimeout}
+            )
         if process.workerId == _commands.AGENT_ID:
             env[_commands.ENV_ROLE] = "agent"
             app = self._config.agent

@@ -545,3 +545,45 @@ def describeAddress(address: Optional[IAddress]) -> str:
             name = name.decode("utf-8", "replace")
         return name or "a UNIX socket"
     return repr(address)
+
+
+class ProxySettings:
+    """
+    A worker's C{--proxy-protocol}: what wraps each of its stream
+    listens, and the count of what was refused.
+    """
+
+    def __init__(self, allow: AllowList, timeout: float, clock: IReactorTime) -> None:
+        self.allow = allow
+        self.timeout = timeout
+        self._clock = clock
+        self.rejections = RejectionLog(clock)
+
+    @classmethod
+    def fromEnvironment(cls, text: Optional[str], clock: IReactorTime) -> Optional["ProxySettings"]:
+        """
+        The settings the master gave (C{TXCLUSTER_PROXY}, JSON), or
+        L{None} without C{--proxy-protocol}.
+        """
+        if not text:
+            return None
+        import json
+
+        settings = json.loads(text)
+        return cls(AllowList.fromStrings(settings["allow"]), float(settings["timeout"]), clock)
+
+    def wrap(self, factory) -> "ProxyHeaderFactory":
+        return ProxyHeaderFactory(factory, self.allow, self.timeout, self._clock, self.rejections)
+
+    def metricsText(self) -> str:
+        """
+        The rejection counts in the Prometheus text format, for the
+        master's C{/metrics} (with the application's).
+        """
+        lines = [
+            "# HELP txcluster_proxy_rejected_connections_total Connections closed for their PROXY header, by reason.",
+            "# TYPE txcluster_proxy_rejected_connections_total counter",
+        ]
+        for reason, count in sorted(self.rejections.counts().items()):
+            lines.append(f'txcluster_proxy_rejected_connections_total{{reason="{reason}"}} {count}')
+        return "\n".join(lines) + "\n"

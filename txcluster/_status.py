@@ -152,7 +152,10 @@ class ClusterStatus:
                     recycling=supervisor.recycler.reasonFor(process),
                 )
             )
-        for slot in supervisor.slots.values():
+        slots = list(supervisor.slots.values())
+        if supervisor.agent.slot is not None:
+            slots.insert(0, supervisor.agent.slot)
+        for slot in slots:
             if slot.view().state == "respawning":
                 workers.append(WorkerStatistics(slot.workerId, None, "waiting", 0.0, slot.core.restarts, 0, ()))
         listeners = self._table.statistics()

@@ -400,8 +400,9 @@ class Supervisor:
 
     async def _stop(self) -> None:
         _log.info(
-            "master stopping: {count} worker processes, graceful timeout {timeout}",
-            count=len(self.processes.processes),
+            "master stopping: {count} worker processes{agent}, graceful timeout {timeout}",
+            count=len([p for p in self.processes.processes if p.workerId != AGENT_ID]),
+            agent=" and the agent" if any(p.workerId == AGENT_ID for p in self.processes.processes) else "",
             timeout=seconds(self.config.gracefulTimeout),
         )
         self.processes.stopping = True

@@ -142,6 +142,8 @@ class Worker:
         self._observers: list[Callable[[Any], None]] = []
         #: The L{txcluster._agentapi.Agent}, in the agent process.
         self.agent = None
+        #: Under C{--proxy-protocol}: its L{txcluster._proxy.ProxySettings}.
+        self.proxy = None
         self._reportLoad = False
         self._metricsTooLarge = False
         self._reportScheduled = False
@@ -343,6 +345,9 @@ class Worker:
         A stream listen (TCP, TLS over TCP, UNIX) through the master.
         """
         families = {"tcp4": socket.AF_INET, "tcp6": socket.AF_INET6, "unix": socket.AF_UNIX}
+        if self.proxy is not None:
+            # Outermost (before TLS): the balancer's header comes first.
+            factory = self.proxy.wrap(factory)
 
         def makePort(answer):
             # The socket's own kind: a dual-stack [::] socket may serve a
@@ -530,8 +535,9 @@ def applicationMetrics(worker: Worker) -> str:
     @raise MetricsUnavailable: they could not be rendered, or are too
         large to send (the master keeps what it had).
     """
+    proxy = "" if worker.proxy is None else worker.proxy.metricsText()
     if "prometheus_client" not in sys.modules:
-        return ""
+        return proxy
     try:
         from prometheus_client import REGISTRY, generate_latest
 
@@ -550,7 +556,7 @@ def applicationMetrics(worker: Worker) -> str:
                 size=len(text),
             )
         raise MetricsUnavailable(f"the application's metrics are too large ({len(text)} bytes)")
-    return text
+    return text + proxy
 
 
 def exitSoon(seconds: float, code: int = 1) -> None:

@@ -179,6 +179,9 @@ def main(argv=None, environ=None) -> None:
         worker.agent = Agent(worker)
         setCurrentAgent(worker.agent)
     else:
+        from txcluster._proxy import ProxySettings
+
+        worker.proxy = ProxySettings.fromEnvironment(environ.get(_commands.ENV_PROXY), reactor)
         _worker.setCurrentWorker(worker)
         interceptListens(reactor, worker)
 
@@ -220,7 +223,8 @@ def main(argv=None, environ=None) -> None:
             )
             exitNow(0)
         log.failure(
-            "worker {workerId} (pid {pid}) could not {doing} {app}",
+            "{who} (pid {pid}) could not {doing} {app}",
+            who="the agent" if isAgent else f"worker {workerId}",
             workerId=workerId,
             pid=os.getpid(),
             doing=doing,

@@ -15,7 +15,7 @@ import stat
 from twisted.application import service
 from twisted.python import usage
 
-SCHEDULING_CHOICES = ("rr", "shared", "least-busy")
+SCHEDULING_CHOICES = ("rr", "shared", "least-busy", "sticky")
 
 
 def usableCPUs() -> int:
@@ -72,7 +72,7 @@ class Options(usage.Options):
     optParameters = [
         ["app", "a", None, "The .tac or .py file that defines `application` (required)."],
         ["workers", "w", "auto", "Number of worker processes, or auto: the CPUs this process may use (affinity and cgroup CPU quota)."],
-        ["scheduling", "s", "rr", "How connections reach workers: rr, shared or least-busy."],
+        ["scheduling", "s", "rr", "How connections reach workers: rr, shared, least-busy or sticky (one client address, one worker)."],
         ["graceful-timeout", None, "30", "Seconds a leaving worker may take to finish its connections and stop its app."],
         ["start-timeout", None, "30", "Seconds a new worker may take to become ready (0: no limit)."],
         ["max-restarts", None, "5", "Give up after more worker failures than this within --restart-window."],
@@ -86,6 +86,7 @@ class Options(usage.Options):
         ["max-lifetime", None, "0", "Recycle a worker process after it served this many seconds (0: never)."],
         ["max-lifetime-jitter", None, "0", "Add a random 0..N seconds to --max-lifetime per worker process."],
         ["agent", None, None, "Run this .tac or .py file as the agent: one process started before the workers and stopped after them, which they reach with askAgent() [default: none]."],
+        ["proxy-timeout", None, "5", "Seconds a connection has to send its PROXY header (--proxy-protocol)."],
         ["agent-timeout", None, "10", "Seconds a worker's askAgent() waits for the agent to answer, or to come back from a restart."],
         ["user", "u", None, "Run the workers as this user (name or uid) [default: the master's]."],
         ["group", "g", None, "Run the workers with this group (name or gid) [default: the user's]."],
@@ -97,12 +98,14 @@ class Options(usage.Options):
 
     optFlags = [
         ["no-control", None, "Serve no control socket."],
+        ["proxy-protocol", None, "Every stream listen expects a PROXY protocol header (v1 or v2) from the balancer; the app sees the client's address as its peer."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["allow-listen"] = []
+        self["proxy-allow-from"] = []
 
     def opt_listen(self, description: str) -> None:
         # usage.Options prints a method's docstring as it is: keep it one line.
@@ -113,6 +116,14 @@ class Options(usage.Options):
         "master at start-up, before twistd drops privileges, or serve a socket systemd "
         "passed (systemd:domain=INET:name=web); workers that listen on its address "
         "share it. Repeatable."
+    )
+
+    def opt_proxy_allow_from(self, network: str) -> None:
+        self["proxy-allow-from"].append(network)
+
+    opt_proxy_allow_from.__doc__ = (
+        "Who may send a PROXY header (--proxy-protocol): an address or ADDRESS/PREFIX. "
+        "Repeatable. [default: 127.0.0.0/8 and ::1/128]"
     )
 
     def opt_allow_listen(self, rule: str) -> None:
@@ -147,6 +158,7 @@ class Options(usage.Options):
         "max-lifetime": _seconds,
         "max-lifetime-jitter": _seconds,
         "agent-timeout": _number(float, 0.001, "a number of seconds, more than 0"),
+        "proxy-timeout": _number(float, 0.001, "a number of seconds, more than 0"),
         "drain-delay": _seconds,
     }
 
@@ -198,6 +210,15 @@ class Options(usage.Options):
             from txcluster._policy import MAX_REQUESTS_SHARED
 
             raise usage.UsageError(MAX_REQUESTS_SHARED)
+        if self["proxy-allow-from"] and not self["proxy-protocol"]:
+            raise usage.UsageError("--proxy-allow-from is for --proxy-protocol, which is not given")
+        from txcluster._proxy import AllowList
+
+        for network in self["proxy-allow-from"]:
+            try:
+                AllowList.fromStrings([network])
+            except ValueError as e:
+                raise usage.UsageError(f"--proxy-allow-from {e}")
         self["app"] = checkApp(self["app"])
         if self["agent"] is not None:
             self["agent"] = checkApp(self["agent"], "--agent")
@@ -306,6 +327,7 @@ def checkEndpoint(description: str) -> str:
 
 def configFromOptions(options: Options):
     from txcluster._master import ClusterConfig
+    from txcluster._proxy import DEFAULT_ALLOW
 
     return ClusterConfig(
         app=options["app"],
@@ -324,6 +346,9 @@ def configFromOptions(options: Options):
         maxLifetime=options["max-lifetime"],
         maxLifetimeJitter=options["max-lifetime-jitter"],
         agent=options["agent"],
+        proxyProtocol=bool(options["proxy-protocol"]),
+        proxyAllowFrom=options["proxy-allow-from"] or DEFAULT_ALLOW,
+        proxyTimeout=options["proxy-timeout"],
         agentTimeout=options["agent-timeout"],
         listens=options["listen"],
         allowListen=options["allow-listen"],

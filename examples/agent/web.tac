@@ -17,7 +17,7 @@ from twisted.application import service, strports
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from txcluster import AgentUnavailable, currentWorker
+from txcluster import AgentFailed, AgentUnavailable, currentWorker
 
 log = Logger(namespace="web")
 
@@ -34,7 +34,7 @@ class Count(resource.Resource):
             request.finish()
 
         def unavailable(failure):
-            failure.trap(AgentUnavailable)
+            failure.trap(AgentUnavailable, AgentFailed)
             request.write(f"the agent is away ({failure.getErrorMessage()}); served by worker {worker.id}\n".encode())
             request.finish()
 
