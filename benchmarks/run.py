@@ -856,6 +856,7 @@ def measured_run(c: Contender, runner, seconds: float, counter: str) -> dict:
     result["master_us"] = used["master"] * 1e6 / counted if c.has_master and counted else None
     result["workers_us"] = used["workers"] * 1e6 / counted if counted else None
     result["loadgen_cores"] = used["loadgen"] / elapsed
+    result["cores"] = (used["master"] + used["workers"]) / elapsed
     ours = used["master"] + used["workers"] + used["loadgen"] + used["script"]
     result["foreign_cores"] = max(0.0, (used["machine"] - ours) / elapsed)
     result["noisy"] = result["foreign_cores"] > Foreign.threshold
@@ -919,7 +920,7 @@ def summarize(c: Contender, what: str, runs: list[dict], warm: dict | None) -> d
     for r in runs:
         total.update(r["per_worker"])
     chosen["busiest"] = busiest(dict(total))
-    for key in ("master_us", "workers_us", "loadgen_cores"):
+    for key in ("master_us", "workers_us", "loadgen_cores", "cores"):
         values = [r[key] for r in (clean or runs) if r[key] is not None]
         chosen[key] = statistics.median(values) if values else None
     chosen["rates"] = [r["rate"] for r in runs]
@@ -1011,6 +1012,14 @@ def run_measurement(cfg, c: Contender, key: str) -> dict:
     return MEASUREMENTS[key](cfg, c)
 
 
+def check_baseline(c: Contender, key: str, result: dict) -> None:
+    """A one-process baseline on CPU-bound work should use a whole core; if
+    other processes took part of it, every ratio against it is inflated."""
+    if c.baseline == c.name and key.startswith("cpu ") and (result.get("cores") or 1.0) < 0.9:
+        NOTES.append(f"{c.name} {key}: the one process used only {result['cores']:.2f} cores (other processes "
+                     f"took the rest): the ×1 ratios against it are inflated")
+
+
 def run_contender(cfg, c: Contender, plan: tuple[str, ...]) -> dict:
     row: dict = {"name": c.name, "kind": c.kind, "baseline": c.baseline, "reference": c.reference}
     log(f"starting {c.name}")
@@ -1022,6 +1031,7 @@ def run_contender(cfg, c: Contender, plan: tuple[str, ...]) -> dict:
             if key == "long" and len(c.worker_pids()) < 2:
                 continue
             row[key] = run_measurement(cfg, c, key)
+            check_baseline(c, key, row[key])
         master = c.master_pid()
         row["master_rss"] = rss_mb(master) if master else None
         wrss = [r for r in (rss_mb(p) for p in c.worker_pids()) if r is not None]
@@ -1336,7 +1346,8 @@ def versions(cfg) -> str:
 
     tw = out([cfg.python, "-c", "import twisted, sys; print(twisted.version.short(), sys.version.split()[0])"]).split()
     try:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "?"
     except Exception:
         commit = "?"
     wrk = out([cfg.wrk, "--version"]).split("\n")[0].split(" Copyright")[0] or "?"

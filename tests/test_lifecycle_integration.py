@@ -659,4 +659,4 @@ class LogDurationTests(unittest.TestCase, StopTests):
         self.assertRegex(text, r"backing off for \d(\.\d\d?)? s")
         self.assertIn("master stopping: 1 worker processes, graceful timeout 2.5 s", text)
         self.assertRegex(text, r"worker 1 \(pid \d+\) disconnecting \(stop\): it has 2\.5 s to finish")
-        self.assertRegex(text, r"1 connections still open after \d(\.\d)? s; closing them")
+        self.assertRegex(text, r"1 connection still open after \d(\.\d)? s; closing it")

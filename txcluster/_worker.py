@@ -444,11 +444,12 @@ class Worker:
 
             _log.warn(
                 "worker {workerId} (pid {pid}): {open} {connections} still open after {waited}; "
-                "closing them",
+                "closing {them}",
                 workerId=self.id,
                 pid=self.pid,
                 open=self.openConnections,
                 connections="connection" if self.openConnections == 1 else "connections",
+                them="it" if self.openConnections == 1 else "them",
                 waited=seconds(waited),
             )
             self.tracker.abortAll()
