@@ -6,6 +6,8 @@ it and the workers, on a fake reactor with fake processes.
 
 from __future__ import annotations
 
+import signal
+
 from twisted.internet import defer
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
@@ -168,6 +170,71 @@ class AgentSupervisionTests(ClusterTestsMixin, SynchronousTestCase):
         self.advance(1)
         self.assertIsNot(self.worker(AGENT_ID), agent)
 
+    def test_scaleWhileTheAgentBoots(self) -> None:
+        """
+        A scale before the agent is ready does not make a worker id's
+        process twice once it is.
+        """
+        cluster = self.agentCluster(1)
+        cluster.scale(2)
+        self.worker(AGENT_ID).start()
+        self.assertEqual(sorted(w.workerId for w in self.spawner.running()), [AGENT_ID, 1, 2])
+
+    def test_neverTwoAgents(self) -> None:
+        """
+        An agent that leaves on its own (SIGTERM) is replaced once it has
+        exited, not while it still runs.
+        """
+        self.agentCluster(1)
+        agent = self.worker(AGENT_ID)
+        agent.start()
+        self.worker(1).start()
+        agent.disconnect("SIGTERM")
+        self.advance(1)
+        self.assertIs(self.worker(AGENT_ID), agent)
+        agent.exit(0)
+        self.advance(1)
+        self.assertIsNot(self.worker(AGENT_ID), agent)
+
+    def test_noRespawnOnceStopping(self) -> None:
+        """
+        Once the cluster stops, a lost agent is not respawned (the workers
+        drain without it).
+        """
+        cluster = self.agentCluster(1)
+        agent = self.worker(AGENT_ID)
+        agent.start()
+        self.worker(1).start()
+        cluster.stopService()
+        agent.exit(1)
+        self.advance(5)
+        self.assertEqual([w.workerId for w in self.spawner.running()], [1])
+
+    def test_reloadJoinsTheAgentReload(self) -> None:
+        """
+        A reload asked for while one with the agent restarts it joins it:
+        no second reload, the workers replaced once, after the agent.
+        """
+        cluster = self.agentCluster(1)
+        agent = self.worker(AGENT_ID)
+        agent.start()
+        self.worker(1).start()
+        first = cluster.reload(agent=True)
+        second = cluster.reload()
+        self.spawner.flush()
+        agent.exit(0)
+        self.advance(1)
+        self.worker(AGENT_ID).start()
+        self.advance(0.5)
+        self.assertEqual(len([w for w in self.spawner.running() if w.workerId == 1]), 2)
+        self.worker(1).start()
+        self.spawner.running()[0].exit(0)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        from txcluster import ReloadStarted
+
+        self.assertEqual(len(self.eventsOf(ReloadStarted)), 1)
+
     def test_reloadAgentWithoutOne(self) -> None:
         """
         Asking to reload an agent a cluster does not run fails, saying so.
@@ -202,11 +269,38 @@ class MessengerTests(ClusterTestsMixin, SynchronousTestCase):
 
     def test_handlerFails(self) -> None:
         """
-        A handler that raises fails the request with L{AgentFailed}.
+        An agent that answers with L{AgentFailed} (its handler raised)
+        fails the request with L{AgentFailed}, its message kept.
         """
-        self.agent.agentHandler = None
-        failure = self.failureResultOf(self.one.askAgent("x"))
-        failure.trap(AgentFailed)
+
+        def broken(workerId, message):
+            raise AgentFailed("the handler raised ValueError: bad")
+
+        self.agent.agentHandler = broken
+        failure = self.failureResultOf(self.one.askAgent("x"), AgentFailed)
+        self.assertIn("the handler raised ValueError: bad", failure.getErrorMessage())
+
+    def test_floodIsBounded(self) -> None:
+        """
+        One worker may have L{MAX_OUTSTANDING} requests waiting; more fail
+        at once, and other workers' requests still go through.
+        """
+        from txcluster._agent import MAX_OUTSTANDING
+
+        self.agent.exit(1)
+        waiting = [self.one.askAgent(n) for n in range(MAX_OUTSTANDING)]
+        over = self.one.askAgent("one more")
+        self.spawner.flush()
+        failure = self.failureResultOf(over, AgentUnavailable)
+        self.assertIn(f"{MAX_OUTSTANDING} requests to the agent unanswered", str(failure.value))
+        other = self.two.askAgent("mine")
+        self.advance(1)
+        fresh = self.worker(AGENT_ID)
+        fresh.agentHandler = lambda workerId, message: message
+        fresh.start()
+        self.spawner.flush()
+        self.assertEqual(self.successResultOf(other), "mine")
+        self.assertEqual(self.successResultOf(waiting[-1]), MAX_OUTSTANDING - 1)
 
     def test_waitsForTheAgent(self) -> None:
         """
@@ -283,7 +377,10 @@ class MessengerTests(ClusterTestsMixin, SynchronousTestCase):
         A worker that sends the agent's commands misbehaves: it is cut off.
         """
         self.one.agentBroadcast("me too")
+        self.spawner.flush()
         self.assertLogged("sent AgentBroadcast, which only the agent may send")
+        self.assertEqual(self.two.messages, [])
+        self.assertIn(signal.SIGKILL, self.one.process.signalNumbers())
 
 
 class NoAgentTests(ClusterTestsMixin, SynchronousTestCase):

@@ -685,7 +685,7 @@ class RespawnTests(ClusterTestsMixin, SynchronousTestCase):
         """
         self.makeCluster(1, maxRestarts=0)
         self.worker(1).exit(2)
-        self.assertLogged("(the worker wrote nothing on stderr)", LogLevel.critical)
+        self.assertLogged(f"(worker 1 (pid {self.worker(1).pid}) wrote nothing on stderr)", LogLevel.critical)
         self.assertEqual(self.gaveUp, [1])
 
     def test_failuresOutsideTheWindow(self) -> None:

@@ -28,6 +28,10 @@ _log = Logger(namespace="txcluster.master")
 #: a restart) before it fails with L{AgentUnavailable}: C{--agent-timeout}.
 AGENT_TIMEOUT = 10.0
 
+#: Requests one worker may have unanswered; more fail at once with
+#: L{AgentUnavailable} (one worker's flood must not starve the others).
+MAX_OUTSTANDING = 1000
+
 
 class _Request:
     __slots__ = ("workerId", "message", "result", "timer", "sent")
@@ -53,7 +57,9 @@ class AgentRelay:
         self.configured = configured
         self._timeout = timeout
         self._agent: Optional[WorkerProcess] = None
-        self._waiting: list[_Request] = []
+        # Waiting for an agent, in arrival order (a dict: removal is O(1)).
+        self._waiting: dict[_Request, None] = {}
+        self._outstanding: dict[int, int] = {}
         self._workers: tuple = ()
         self._stopped = False
         #: Requests answered, failed, timed out (for the status).
@@ -78,13 +84,27 @@ class AgentRelay:
             return defer.fail(AgentUnavailable("no agent runs in this cluster (see --agent)"))
         if self._stopped:
             return defer.fail(AgentUnavailable("the agent has stopped: the cluster is stopping"))
+        if self._outstanding.get(workerId, 0) >= MAX_OUTSTANDING:
+            return defer.fail(
+                AgentUnavailable(f"this worker has {MAX_OUTSTANDING} requests to the agent unanswered already")
+            )
         result = defer.Deferred()
         request = _Request(workerId, message, result, None)
         request.timer = self._clock.callLater(self._timeout, self._expired, request)
+        self._outstanding[workerId] = self._outstanding.get(workerId, 0) + 1
+        result.addBoth(self._done, workerId)
         if self._agent is not None:
             self._send(request)
         else:
-            self._waiting.append(request)
+            self._waiting[request] = None
+        return result
+
+    def _done(self, result, workerId: int):
+        count = self._outstanding.get(workerId, 1) - 1
+        if count:
+            self._outstanding[workerId] = count
+        else:
+            self._outstanding.pop(workerId, None)
         return result
 
     # The agent's comings and goings ----------------------------------------------
@@ -95,7 +115,7 @@ class AgentRelay:
         """
         self._agent = process
         self._tell(process)
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = list(self._waiting), {}
         if waiting:
             _log.info(
                 "the agent is ready: sending it {count} {requests} that waited for it",
@@ -153,7 +173,7 @@ class AgentRelay:
         """
         self._stopped = True
         self._agent = None
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = list(self._waiting), {}
         for request in waiting:
             self._fail(request, AgentUnavailable("the agent has stopped: the cluster is stopping"))
 
@@ -168,7 +188,7 @@ class AgentRelay:
         agent = self._agent
         channel = agent.channel
         if channel is None or channel.transport is None:
-            self._waiting.append(request)
+            self._waiting[request] = None
             self._agent = None
             return
         request.sent = True
@@ -197,7 +217,7 @@ class AgentRelay:
 
     def _expired(self, request: _Request) -> None:
         if request in self._waiting:
-            self._waiting.remove(request)
+            del self._waiting[request]
             why = f"the agent did not come back within {seconds(self._timeout)} (--agent-timeout)"
         else:
             why = f"the agent did not answer within {seconds(self._timeout)} (--agent-timeout)"
@@ -233,6 +253,9 @@ class AgentKeeper:
         self._failures = FailureWindow(maxRestarts, restartWindow)
         self.slot = None
         self._then = None
+        self._held: Optional[list] = None
+        #: The reload of the agent under way, which a reload joins.
+        self.restarting: Optional[defer.Deferred] = None
 
     def start(self, then) -> None:
         """
@@ -298,22 +321,29 @@ class AgentKeeper:
                 return
             await supervisor.changed(self.slot)
 
+    def halt(self) -> None:
+        """
+        The cluster begins to stop: the agent is not respawned any more
+        (it keeps serving the workers until they are gone; see L{stop}).
+        """
+        from txcluster._lifecycle import Drain
+
+        if self.slot is None or self._held is not None:
+            return
+        self._held = list(self.slot.view().processes)
+        effects = self.slot.stop()
+        self._supervisor.run(self.slot, [e for e in effects if not isinstance(e, Drain)])
+
     async def stop(self, remaining: float) -> None:
         """
         Stop the agent (the workers are gone): it drains with what is left
         of the graceful timeout.
         """
         from txcluster._deferreds import observe
-        from txcluster._lifecycle import Drain
 
-        if self.slot is None:
-            self.relay.stop()
-            return
-        supervisor = self._supervisor
-        held = list(self.slot.view().processes)
-        effects = self.slot.stop()
-        supervisor.run(self.slot, [e for e in effects if not isinstance(e, Drain)])
+        self.halt()
+        held = self._held or []
         for process in held:
-            supervisor.processes.drain(process, "stop", remaining)
+            self._supervisor.processes.drain(process, "stop", remaining)
         await defer.DeferredList([observe(p.exited) for p in held])
         self.relay.stop()

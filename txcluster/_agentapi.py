@@ -48,6 +48,8 @@ class Agent:
         self._worker = worker
         self._handler: Optional[Callable[[int, Any], Any]] = None
         self._workers: tuple = ()
+        #: Requests being answered: a leaving agent answers them first.
+        self.outstanding = 0
 
     def setRequestHandler(self, handler: Optional[Callable[[int, Any], Any]]) -> None:
         """
@@ -100,7 +102,15 @@ class Agent:
             _log.failure("the agent's request handler failed on a request of worker {workerId}", failure, workerId=workerId)
             raise AgentFailed(f"the agent's request handler raised {failure.type.__name__}: {failure.getErrorMessage()}")
 
-        return d.addCallback(encode).addErrback(failed)
+        self.outstanding += 1
+
+        def answered(result):
+            self.outstanding -= 1
+            if self._worker is not None and self.outstanding == 0:
+                self._worker._checkDrained()
+            return result
+
+        return d.addCallback(encode).addErrback(failed).addBoth(answered)
 
     def _workersChanged(self, workerIds: list) -> None:
         self._workers = tuple(workerIds)

@@ -105,6 +105,9 @@ class RollingReload:
             return defer.fail(ClusterStopped("the cluster is stopping"))
         if agent and supervisor.config.agent is None:
             return defer.fail(ReloadFailed("this cluster runs no agent (--agent)"))
+        if supervisor.agent.restarting is not None:
+            # A reload with the agent runs: it replaces the workers next.
+            return observe(supervisor.agent.restarting)
         joined = self.running
         if not joined:
             supervisor.emit(_events.ReloadStarted(len(supervisor.slots)))
@@ -121,11 +124,17 @@ class RollingReload:
                 supervisor.emit(finished)
             return result
 
-        if agent:
-            requested = defer.ensureDeferred(supervisor.agent.restart()).addCallback(lambda _: self.request())
-        else:
-            requested = self.request()
-        return requested.addBoth(outcome)
+        if not agent:
+            return self.request().addBoth(outcome)
+        requested = defer.ensureDeferred(supervisor.agent.restart()).addCallback(lambda _: self.request())
+        whole = supervisor.agent.restarting = requested.addBoth(outcome)
+
+        def over(result):
+            supervisor.agent.restarting = None
+            return result
+
+        whole.addBoth(over)
+        return observe(whole)
 
     def request(self) -> defer.Deferred:
         """

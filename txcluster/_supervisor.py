@@ -202,7 +202,9 @@ class Supervisor:
     def _startWorkers(self) -> None:
         if self._stopping is None:
             for workerId in range(1, self.target + 1):
-                self._startSlot(workerId)
+                # (A scale while the agent booted may have started some.)
+                if workerId not in self.slots:
+                    self._startSlot(workerId)
 
     def readyIds(self) -> tuple:
         """
@@ -234,6 +236,12 @@ class Supervisor:
             self.run(slot, slot.processReady(process))
 
     def processLost(self, process: WorkerProcess) -> None:
+        if process.workerId == AGENT_ID:
+            self.agent.relay.agentLost(process)
+            if process.phase is not Phase.DEAD:
+                # Never two agents: the next starts once this one is gone
+                # (processEnded says so again).
+                return
         slot = self.slotOf(process)
         if slot is not None:
             restarts = slot.core.restarts
@@ -276,7 +284,7 @@ class Supervisor:
 
     def _gaveUpOn(self, process: WorkerProcess, what: str = "worker failures") -> None:
         self.gaveUp = True
-        tail = "\n".join(process.output.stderrTail) or "(the worker wrote nothing on stderr)"
+        tail = "\n".join(process.output.stderrTail) or f"({process.describe()} wrote nothing on stderr)"
         _log.critical(
             "giving up: more than {maxRestarts} {what} within {window}; "
             "the last was {worker}, which {how}. Its last error output:\n{tail}",
@@ -408,6 +416,7 @@ class Supervisor:
         self.processes.stopping = True
         self.heartbeat.stop()
         self.recycler.stop()
+        self.agent.halt()
         deadline = self._clock.seconds() + self.config.gracefulTimeout
         # Every slot stops now (nothing respawns, nobody waits for a ready
         # worker any more); its processes are asked to leave once the

@@ -193,13 +193,10 @@ class Worker:
 
     def askAgent(self, message: Any) -> defer.Deferred:
         """
-        Ask the agent (C{--agent}): its request handler gets this worker's
-        id and the JSON-serialisable C{message}.
-
-        @return: a Deferred firing with the handler's answer, or failing
-            with L{txcluster.AgentUnavailable} (no agent, or it did not
-            answer or come back within C{--agent-timeout}) or
-            L{txcluster.AgentFailed} (its handler raised).
+        Ask the agent (C{--agent}): its handler gets this worker's id and
+        the JSON-serialisable C{message}; the Deferred fires with its
+        answer, or fails with L{txcluster.AgentUnavailable} (no agent, or
+        none within C{--agent-timeout}) or L{txcluster.AgentFailed}.
         """
         try:
             text = encodeMessage(message)
@@ -435,6 +432,7 @@ class Worker:
             and not self._drained.called
             and not self._ports
             and self.openConnections == 0
+            and (self.agent is None or self.agent.outstanding == 0)
         ):
             self._drained.callback(None)
 
@@ -443,13 +441,14 @@ class Worker:
             from txcluster._lifecycle import seconds
 
             _log.warn(
-                "worker {workerId} (pid {pid}): {open} {connections} still open after {waited}; "
+                "{who} (pid {pid}): {open} {connections} still open after {waited}; "
                 "closing {them}",
                 workerId=self.id,
                 pid=self.pid,
                 open=self.openConnections,
                 connections="connection" if self.openConnections == 1 else "connections",
                 them="it" if self.openConnections == 1 else "them",
+                who="the agent" if self.agent is not None else f"worker {self.id}",
                 waited=seconds(waited),
             )
             self.tracker.abortAll()
