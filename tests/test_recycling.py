@@ -168,6 +168,22 @@ class LifetimeTests(RecyclingTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.spawner.workers), 2)
         self.assertEqual(self.eventsOf(WorkerRecycling), [])
 
+    def test_afterAFailedReload(self) -> None:
+        """
+        A lifetime that ends while a reload replaces the worker waits: if
+        the reload's replacement fails, the old process is recycled later.
+        """
+        self.readyCluster(1, maxLifetime=10, maxRestarts=10)
+        old = self.worker(1)
+        self.advance(9)
+        reload = self.cluster.reload()
+        self.advance(1)
+        self.worker(1).exit(4)
+        self.failureResultOf(reload)
+        self.advance(2)
+        self.assertEqual([e.reason for e in self.eventsOf(WorkerRecycling)], ["lifetime"])
+        self.assertEqual(self.eventsOf(WorkerRecycling)[0].pid, old.pid)
+
     def test_off(self) -> None:
         """
         C{maxLifetime=0} (the default) never recycles.

@@ -109,6 +109,32 @@ class ClientKeysTests(SynchronousTestCase):
         self.assertEqual([keys.keyOf(fd) for fd in (silent, bad, ended)], [key("127.0.0.3"), key("127.0.0.4"), key("127.0.0.5")])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_untrustedAreNotWaitedFor(self) -> None:
+        """
+        A peer that may not send a header is not waited for: keyed by its
+        address at once (its worker closes it).
+        """
+        from txcluster._proxy import AllowList
+
+        keys = ClientKeys(self.clock, proxyProtocol=True, allow=AllowList.fromStrings(["127.0.0.2"]))
+        _, stranger = self.connections.accept("127.0.0.8")
+        _, balancer = self.connections.accept("127.0.0.2")
+        keys.admit([stranger, balancer], self.admitted.extend)
+        self.assertEqual((self.admitted, keys.waiting), ([stranger], 1))
+
+    def test_waitingIsBounded(self) -> None:
+        """
+        At most L{MAX_WAITING} connections wait for their header; the next
+        ones are keyed by their peer at once.
+        """
+        from txcluster import _sticky
+
+        self.patch(_sticky, "MAX_WAITING", 2)
+        keys = ClientKeys(self.clock, proxyProtocol=True)
+        fds = [self.connections.accept()[1] for _ in range(3)]
+        keys.admit(fds, self.admitted.extend)
+        self.assertEqual((self.admitted, keys.waiting), ([fds[2]], 2))
+
     def test_stop(self) -> None:
         """
         On stop, what waits goes on at once, by its peer.

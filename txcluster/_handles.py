@@ -264,9 +264,7 @@ class HandleTable:
                 self._closeHandle(handle, "no worker listens on it")
 
     def unused(self) -> list[Handle]:
-        """
-        The declared handles no worker listens on.
-        """
+        "The declared handles no worker listens on."
         return [h for h in self._byId.values() if h.declared and not h.members]
 
     # Shutdown
@@ -278,6 +276,7 @@ class HandleTable:
         still go to workers.
         """
         self._accepting = False
+        self.keys.stop()
         for handle in list(self._byId.values()):
             if handle.reader is not None and handle.sock is not None:
                 waiting = handle.reader.acceptAll(10_000)

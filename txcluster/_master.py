@@ -272,7 +272,7 @@ class ClusterService(service.Service):
             window=self._handoffWindow,
             badAnswer=lambda process, why: self._processes.misbehaved(process, why),
             adopted=self.recorder.handoffLatency,
-            keys=ClientKeys(self.reactor, self.config.proxyProtocol, self.config.proxyTimeout),
+            keys=ClientKeys.forConfig(self.reactor, self.config),
         )
         supervisor.restarted = self.recorder.restarted
         supervisor.roundTrip = self.recorder.heartbeat

@@ -393,13 +393,17 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if isinstance(state, _Awaiting) and state.timer.active():
             state.timer.cancel()
         self.factory.unregisterProtocol(self)
-        if isinstance(state, _Passing):
+        if isinstance(state, _Passing) and self.wrappedProtocol is not None:
             self.wrappedProtocol.connectionLost(reason)
         self.wrappedProtocol = None
 
     def _pass(self, header: Header, rest: bytes) -> None:
         self._state = _Passing(header)
-        protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
+        try:
+            protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
+        except Exception:
+            Logger(namespace="txcluster.worker").failure("the application's buildProtocol failed")
+            protocol = None
         if protocol is None:
             # The application refused the client, as a listening port's
             # factory may.

@@ -294,7 +294,7 @@ class Recycler:
                 self._over.pop(process, None)
                 continue
             over = self._over[process] = self._over.get(process, 0) + 1
-            if over == MEMORY_SAMPLES:
+            if over >= MEMORY_SAMPLES and self.reasonFor(process) is None and process not in self._retries:
                 _log.warn(
                     "{worker} uses {used} of {kind}, over --max-memory {limit} for {count} samples "
                     "in a row: recycling it",
@@ -335,7 +335,12 @@ class Recycler:
             if view is None or view.current is not process or process.phase is not Phase.READY:
                 continue
             if view.state != "serving":
-                # A reload or another recycling replaces it already.
+                # A reload or another recycling replaces it already: if that
+                # fails, it serves on, and is asked for again.
+                if process not in self._retries:
+                    self._retries[process] = self._clock.callLater(
+                        max(self._minDelay, 1.0), self._retry, process, reason
+                    )
                 continue
             self._current = (process, reason)
             self._host.emit(WorkerRecycling(process.workerId, process.pid, reason))

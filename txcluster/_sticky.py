@@ -23,6 +23,10 @@ _log = Logger(namespace="txcluster.master")
 #: (a socket with unread bytes stays readable: polling it would spin).
 PEEK_INTERVAL = 0.005
 
+#: Connections the master waits for the header of at once; beyond, one is
+#: keyed by its peer at once (the worker still judges its header).
+MAX_WAITING = 256
+
 
 def peerKey(fd: int) -> bytes:
     """
@@ -63,17 +67,29 @@ class ClientKeys:
 
     @param proxyProtocol: whether connections start with a PROXY header.
     @param timeout: how long the master waits for a header before it keys
-        the connection by its peer (the worker then closes it, as it waits
-        no longer itself).
+        the connection by its peer (the worker judges the header).
+    @param allow: the L{txcluster._proxy.AllowList} of peers that may send
+        a header: the master waits for no one else's.
     """
 
-    def __init__(self, clock, proxyProtocol: bool = False, timeout: float = 5.0) -> None:
+    def __init__(self, clock, proxyProtocol: bool = False, timeout: float = 5.0, allow=None) -> None:
         self._clock = clock
         self._proxy = proxyProtocol
         self._timeout = timeout
+        self._allow = allow
+        self._stopped = False
         self._keys: dict[int, bytes] = {}
         self._waiting: dict[int, tuple[float, Callable[[list], None]]] = {}
         self._call = None
+
+    @classmethod
+    def forConfig(cls, clock, config) -> "ClientKeys":
+        """
+        The keys a master of C{config} (a L{txcluster.ClusterConfig}) uses.
+        """
+        from txcluster._proxy import AllowList
+
+        return cls(clock, config.proxyProtocol, config.proxyTimeout, AllowList.fromStrings(config.proxyAllowFrom))
 
     @property
     def waiting(self) -> int:
@@ -100,13 +116,28 @@ class ClientKeys:
         deadline = self._clock.seconds() + self._timeout
         known = []
         for fd in fds:
-            if self._known(fd, final=False):
+            final = self._stopped or len(self._waiting) >= MAX_WAITING or not self._trusted(fd)
+            if self._known(fd, final=final):
                 known.append(fd)
             else:
                 self._waiting[fd] = (deadline, then)
         if known:
             then(known)
         self._schedule()
+
+    def _trusted(self, fd: int) -> bool:
+        if self._allow is None:
+            return True
+        sock = socket.socket(fileno=fd)
+        try:
+            host, port = sock.getpeername()[:2]
+            family = sock.family
+        except OSError:
+            return False
+        finally:
+            sock.detach()
+        address = (IPv6Address if family == socket.AF_INET6 else IPv4Address)("TCP", host, port)
+        return self._allow.allows(address)
 
     def _known(self, fd: int, final: bool) -> bool:
         data = _peek(fd)
@@ -139,8 +170,10 @@ class ClientKeys:
 
     def stop(self) -> None:
         """
-        The master stops: what still waits is keyed by its peer now.
+        The master stops: what still waits is keyed by its peer now, and
+        so is what it accepts from now on.
         """
+        self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
         waiting, self._waiting = self._waiting, {}

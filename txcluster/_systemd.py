@@ -139,16 +139,16 @@ def describeStatus(cluster, stopping: bool = False, starting: Optional[int] = No
     @param starting: a reload of this many workers begins (it may not
         run yet).
     """
-    statistics = cluster.statistics()
-    # Since the master started (a reload does not take it back).
+    # Since the master started (a reload does not take it back).  Cheap
+    # counts only: this runs on a timer (statistics() reads /proc).
     handed = sum(cluster.recorder.statistics().handed.values())
     connections = "connection" if handed == 1 else "connections"
     if stopping or cluster.stopping:
-        running = sum(1 for w in statistics.workers if w.pid is not None)
+        running = sum(1 for w in cluster.statistics().workers if w.pid is not None)
         why = "giving up (too many failures; see the log)" if cluster.exitCode else "stopping"
         return f"{why}: {running} worker {'process' if running == 1 else 'processes'} to finish"
     progress = (0, starting) if starting is not None else cluster.reloadProgress()
-    ready = f"{statistics.ready}/{statistics.workerCount} workers ready"
+    ready = f"{cluster.readyWorkers()}/{cluster.workerCount()} workers ready"
     if progress is not None:
         return f"reloading {progress[0]}/{progress[1]}; {ready}, {handed} {connections} handed"
     if not cluster.running:
@@ -177,8 +177,12 @@ class SystemdNotify(service.Service):
     def __init__(self, cluster, notifier: Notifier, environ: Mapping[str, str], pid: Optional[int] = None) -> None:
         self._cluster = cluster
         self._notifier = notifier
-        self._pid = os.getpid() if pid is None else pid
-        self._watchdog = watchdogInterval(environ, self._pid)
+        # The pid and the watchdog are known at start (twistd may fork
+        # between this and then).
+        self._pidArg = pid
+        self._environ = dict(environ)
+        self._pid = None
+        self._watchdog = None
         self._loops: list[task.LoopingCall] = []
         self._announced = False
         self._reloading = False
@@ -189,6 +193,8 @@ class SystemdNotify(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self._pid = os.getpid() if self._pidArg is None else self._pidArg
+        self._watchdog = watchdogInterval(self._environ, self._pid)
         clock = self._cluster.reactor
         self._cluster.addObserver(self._event)
         workers = self._cluster.config.workers
