@@ -244,7 +244,11 @@ class SocketActivationTests(unittest.TestCase):
             await master.waitFor(READY, 2)
             self.assertIn(f"serving tcp:[::]:{port} passed by systemd", master.output.text())
             seen = {workerOf(await whoami(tcp(port))) for _ in range(8)}
-            self.assertEqual(seen, {1, 2}, master.output.text())
+            if scheduling == "rr":
+                self.assertEqual(seen, {1, 2}, master.output.text())
+            else:
+                # Which worker accepts is the kernel's choice.
+                self.assertTrue(seen and seen <= {1, 2}, master.output.text())
             self.assertNotIn("could not adopt", master.output.text())
             master.signal("TERM")
             self.assertEqual(await ended(master), (0, None))
