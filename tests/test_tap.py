@@ -304,6 +304,33 @@ class ServiceTests(SynchronousTestCase):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
         self.assertEqual(out.stdout.split(), ["False", "False"], out.stderr)
 
+    def test_noEndpointParsingWithoutSystemd(self):
+        """
+        Binding the declared listens does not load Twisted's endpoint
+        parsers (they load every plugin: megabytes) unless systemd may
+        have passed sockets.
+        """
+        import subprocess
+        import sys
+
+        path = os.path.abspath(self.mktemp())
+        code = (
+            "import sys\n"
+            "from txcluster import tap\n"
+            "o = tap.Options()\n"
+            f"o.parseOptions(['--app', {app('web.tac')!r}, '--no-control', '--listen', 'unix:{path}'])\n"
+            "s = tap.makeService(o)\n"
+            "from twisted.internet import endpoints\n"
+            "parsed = []\n"
+            "endpoints.serverFromString = lambda *a, **k: parsed.append(a)\n"
+            "s.getServiceNamed('txcluster').privilegedStartService()\n"
+            "print(bool(parsed))\n"
+        )
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(tap.__file__))))
+        env.pop("LISTEN_FDNAMES", None)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.stdout.split(), ["False"], out.stderr)
+
     def keepSignalHandlers(self):
         """
         Put this process's handlers of the master's signals back after the

@@ -251,7 +251,10 @@ def declareListens(table: HandleTable, declared: list, reactor, environ) -> list
             raise
         keys.append(d.key)
         _log.info("declared {address} (--listen {description})", address=handle.describe(), description=d.description)
-    for fileno, name, domain in passedDescriptors(reactor, environ):
+    # Twisted's endpoint parser loads every plugin (megabytes): only when
+    # systemd may have passed something (it always names what it passes).
+    mayHave = environ.get("LISTEN_FDNAMES") or any(isinstance(d, Inherited) for d in declared)
+    for fileno, name, domain in passedDescriptors(reactor, environ) if mayHave else ():
         if fileno not in used:
             _log.warn(
                 "systemd passed descriptor {fileno} (name {name}) and no --listen names it: "
