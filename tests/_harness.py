@@ -476,6 +476,27 @@ class RequestRecord:
 _STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
 
 
+def judgeAnswer(record, data: bytes, reason) -> None:
+    """
+    Fill C{record} (its C{end}, and C{answer}, or C{error} and C{reason}
+    unless an error is set already) from the whole of an HTTP/1.0 answer,
+    C{data}, its connection lost for C{reason}.
+    """
+    record.end = time.monotonic()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = _STATUS.match(head)
+    if record.error is not None:
+        pass
+    elif status is None or not body.endswith(b"\n"):
+        record.error = "dropped"
+        record.reason = f"{type(reason.value).__name__} after {len(data)} bytes: {data[:80]!r}"
+    elif status.group(1) != b"200":
+        record.error = f"HTTP {status.group(1).decode()}"
+        record.reason = body[:200].decode("utf-8", "replace")
+    else:
+        record.answer = body.decode().strip()
+
+
 class _Exchange(protocol.Protocol):
     """
     Send one request, read until the server closes, judge the answer.
@@ -494,19 +515,7 @@ class _Exchange(protocol.Protocol):
         self.data += data
 
     def connectionLost(self, reason) -> None:
-        record = self.record
-        record.end = time.monotonic()
-        head, _, body = self.data.partition(b"\r\n\r\n")
-        status = _STATUS.match(head)
-        if record.error is not None:
-            pass
-        elif status is None or not body.endswith(b"\n"):
-            record.error = "dropped"
-            record.reason = f"{type(reason.value).__name__} after {len(self.data)} bytes"
-        elif status.group(1) != b"200":
-            record.error = f"HTTP {status.group(1).decode()}"
-        else:
-            record.answer = body.decode().strip()
+        judgeAnswer(self.record, self.data, reason)
         self.done()
 
 

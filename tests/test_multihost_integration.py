@@ -32,7 +32,7 @@ from twisted.trial import unittest
 from txcluster._proxy import clientKey, preferred
 
 from tests import _netns
-from tests._harness import MasterProcess, app, freePort, sleep
+from tests._harness import MasterProcess, app, freePort, judgeAnswer, sleep
 from tests.test_lifecycle_integration import observe
 from tests.test_operations_integration import METRICS_UP, READY, ended, txcluster
 
@@ -72,9 +72,6 @@ def missingOptions() -> list:
 
 
 # Clients bound to a source address -------------------------------------------------
-
-
-_STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
 
 
 class Exchange:
@@ -128,21 +125,8 @@ class _Exchanging(protocol.Protocol):
         self.data += data
 
     def connectionLost(self, reason) -> None:
-        exchange = self.exchange
-        exchange.end = time.monotonic()
-        head, _, body = self.data.partition(b"\r\n\r\n")
-        status = _STATUS.match(head)
-        if exchange.error is not None:
-            pass
-        elif status is None or not body.endswith(b"\n"):
-            exchange.error = "dropped"
-            exchange.reason = f"{type(reason.value).__name__} after {len(self.data)} bytes: {self.data[:80]!r}"
-        elif status.group(1) != b"200":
-            exchange.error = f"HTTP {status.group(1).decode()}"
-            exchange.reason = body[:200].decode("utf-8", "replace")
-        else:
-            exchange.answer = body.decode().strip()
-        self.done.callback(exchange)
+        judgeAnswer(self.exchange, self.data, reason)
+        self.done.callback(self.exchange)
 
 
 class _Quiet(protocol.Factory):

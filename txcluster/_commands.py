@@ -60,6 +60,13 @@ ENV_PROXY = "TXCLUSTER_PROXY"
 AGENT_ID = 0
 
 
+def describeWorkerId(workerId: int) -> str:
+    """
+    A worker id for a log line: C{"worker 3"}, or C{"the agent"}.
+    """
+    return "the agent" if workerId == AGENT_ID else f"worker {workerId}"
+
+
 class DescriptorList(amp.Argument):
     """
     Several file descriptors in one argument.

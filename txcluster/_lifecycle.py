@@ -36,6 +36,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txcluster._commands import describeWorkerId
 from txcluster._scheduler import Allowance
 
 _log = Logger(namespace="txcluster.master")
@@ -195,10 +196,7 @@ class WorkerProcess:
         return self.phase in (Phase.DRAINING, Phase.LEAVING)
 
     def describe(self) -> str:
-        if self.workerId == 0:
-            # The agent (--agent) goes by worker id 0.
-            return f"the agent (pid {self.pid})"
-        return f"worker {self.workerId} (pid {self.pid})"
+        return f"{describeWorkerId(self.workerId)} (pid {self.pid})"
 
     def __repr__(self) -> str:
         return f"<worker {self.workerId} pid {self.pid} {self.phase.value}>"
@@ -441,7 +439,7 @@ class SlotCore:
         """
         The slot's worker id for a log line (id 0 is the agent's).
         """
-        return "the agent" if self.workerId == 0 else f"worker {self.workerId}"
+        return describeWorkerId(self.workerId)
 
     def respawnTimer(self, delay: float):
         """

@@ -266,7 +266,7 @@ class WorkerOutput(ProcessProtocol):
         self.pid = self.transport.pid
 
     def system(self) -> str:
-        if self.workerId == 0:
+        if self.workerId == _commands.AGENT_ID:
             return f"agent pid {self.pid}"
         return f"worker {self.workerId} pid {self.pid}"
 

@@ -116,7 +116,6 @@ class Recycler:
         self._loop: Optional[task.LoopingCall] = None
         self._deadlines: dict[WorkerProcess, object] = {}
         self._over: dict[WorkerProcess, int] = {}
-        self._memory: dict[WorkerProcess, MemoryUsage] = {}
         self._queue: list[tuple[WorkerProcess, str]] = []
         self._current: Optional[tuple[WorkerProcess, str]] = None
         self._tries: dict[WorkerProcess, int] = {}
@@ -150,7 +149,6 @@ class Recycler:
             if call is not None and call.active():
                 call.cancel()
         self._over.pop(process, None)
-        self._memory.pop(process, None)
         self._tries.pop(process, None)
         self._queue = [(p, r) for p, r in self._queue if p is not process]
 
@@ -185,12 +183,6 @@ class Recycler:
         C{pid}'s memory now, as C{--max-memory} counts it.
         """
         return (self._read or readMemory)(pid)
-
-    def memoryOf(self, process: WorkerProcess) -> Optional[MemoryUsage]:
-        """
-        C{process}'s last memory sample (only with C{maxMemory}).
-        """
-        return self._memory.get(process)
 
     # Requests and operators ------------------------------------------------------
 
@@ -289,7 +281,6 @@ class Recycler:
             usage = None if process.pid is None else self.readMemory(process.pid)
             if usage is None:
                 continue
-            self._memory[process] = usage
             if usage.bytes <= self._maxMemory:
                 self._over.pop(process, None)
                 continue

@@ -12,7 +12,8 @@ from __future__ import annotations
 import socket
 from typing import Callable, Optional
 
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 
 from txcluster._proxy import COMPLETE, INCOMPLETE, MAX_V2_SIZE, clientKey, parseHeader
@@ -28,23 +29,31 @@ PEEK_INTERVAL = 0.005
 MAX_WAITING = 256
 
 
-def peerKey(fd: int) -> bytes:
+def peerAddress(fd: int) -> Optional[IAddress]:
     """
-    The client key of connection C{fd}'s peer (C{b""} if it is gone).
+    The address of connection C{fd}'s peer, or L{None} if it is gone.
     """
     sock = socket.socket(fileno=fd)
     try:
-        address = sock.getpeername()
         family = sock.family
+        name = sock.getpeername()
     except OSError:
-        return b""
+        return None
     finally:
         sock.detach()
     if family == socket.AF_INET:
-        return clientKey(IPv4Address("TCP", address[0], address[1]))
+        return IPv4Address("TCP", name[0], name[1])
     if family == socket.AF_INET6:
-        return clientKey(IPv6Address("TCP", address[0], address[1]))
-    return b""
+        return IPv6Address("TCP", name[0], name[1])
+    return UNIXAddress(name or None)
+
+
+def peerKey(fd: int) -> bytes:
+    """
+    The client key of connection C{fd}'s peer (C{b""} if it is gone, or
+    not an IP peer).
+    """
+    return clientKey(peerAddress(fd))
 
 
 def _peek(fd: int) -> Optional[bytes]:
@@ -128,16 +137,8 @@ class ClientKeys:
     def _trusted(self, fd: int) -> bool:
         if self._allow is None:
             return True
-        sock = socket.socket(fileno=fd)
-        try:
-            host, port = sock.getpeername()[:2]
-            family = sock.family
-        except OSError:
-            return False
-        finally:
-            sock.detach()
-        address = (IPv6Address if family == socket.AF_INET6 else IPv4Address)("TCP", host, port)
-        return self._allow.allows(address)
+        address = peerAddress(fd)
+        return address is not None and self._allow.allows(address)
 
     def _known(self, fd: int, final: bool) -> bool:
         data = _peek(fd)
@@ -159,13 +160,12 @@ class ClientKeys:
 
     def _again(self) -> None:
         now = self._clock.seconds()
-        done: dict = {}
+        known = []
         for fd, (deadline, then) in list(self._waiting.items()):
             if self._known(fd, final=now >= deadline):
                 del self._waiting[fd]
-                done.setdefault(then, []).append(fd)
-        for then, fds in done.items():
-            then(fds)
+                known.append((fd, then))
+        _handOn(known)
         self._schedule()
 
     def stop(self) -> None:
@@ -177,9 +177,15 @@ class ClientKeys:
         if self._call is not None and self._call.active():
             self._call.cancel()
         waiting, self._waiting = self._waiting, {}
-        done: dict = {}
-        for fd, (_, then) in waiting.items():
+        for fd in waiting:
             self._keys[fd] = peerKey(fd)
-            done.setdefault(then, []).append(fd)
-        for then, fds in done.items():
-            then(fds)
+        _handOn([(fd, then) for fd, (_, then) in waiting.items()])
+
+
+def _handOn(known: list) -> None:
+    # Each caller of admit() gets its connections in one call.
+    byCaller: dict = {}
+    for fd, then in known:
+        byCaller.setdefault(then, []).append(fd)
+    for then, fds in byCaller.items():
+        then(fds)

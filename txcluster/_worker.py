@@ -50,6 +50,7 @@ from txcluster._commands import (
     Ready,
     ToMaster,
     WorkerLeaving,
+    describeWorkerId,
     encodeMessage,
 )
 from txcluster._deferreds import observe
@@ -253,7 +254,7 @@ class Worker:
         _log.info(
             "{who} (pid {pid}) leaving ({why}): closing {ports} listeners, "
             "{open} connections open; its application stops now",
-            who="the agent" if self.agent is not None else f"worker {self.id}",
+            who=describeWorkerId(self.id),
             workerId=self.id,
             pid=self.pid,
             why=why or "the master asked",
@@ -448,7 +449,7 @@ class Worker:
                 open=self.openConnections,
                 connections="connection" if self.openConnections == 1 else "connections",
                 them="it" if self.openConnections == 1 else "them",
-                who="the agent" if self.agent is not None else f"worker {self.id}",
+                who=describeWorkerId(self.id),
                 waited=seconds(waited),
             )
             self.tracker.abortAll()

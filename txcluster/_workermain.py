@@ -165,7 +165,7 @@ def main(argv=None, environ=None) -> None:
     worker.connect(int(environ.get(_commands.ENV_CHANNEL_FD, _commands.CHANNEL_FD)))
     log.info(
         "{who} (pid {pid}) loading {app} with {reactor}",
-        who="the agent" if isAgent else f"worker {workerId}",
+        who=_commands.describeWorkerId(workerId),
         workerId=workerId,
         pid=os.getpid(),
         app=appPath,
@@ -224,7 +224,7 @@ def main(argv=None, environ=None) -> None:
             exitNow(0)
         log.failure(
             "{who} (pid {pid}) could not {doing} {app}",
-            who="the agent" if isAgent else f"worker {workerId}",
+            who=_commands.describeWorkerId(workerId),
             workerId=workerId,
             pid=os.getpid(),
             doing=doing,
@@ -250,7 +250,7 @@ def main(argv=None, environ=None) -> None:
     reactor.callWhenRunning(worker.ready)
     reactor.run()
     log.info(
-        "{who} (pid {pid}) stopped", who="the agent" if isAgent else f"worker {workerId}", workerId=workerId, pid=os.getpid()
+        "{who} (pid {pid}) stopped", who=_commands.describeWorkerId(workerId), workerId=workerId, pid=os.getpid()
     )
     logFile.flush()
     sys.exit(0)
