@@ -560,6 +560,59 @@ class AnswerTests(HostileTestsMixin, SynchronousTestCase):
         worker.send(rawBox(_answer=tag))
         self.assertMisbehaved(worker, "sent a malformed answer to NewConn (missing accepted)")
 
+    def test_fastPathAnswerNeverAsked(self) -> None:
+        """
+        An answer shaped exactly like a real one to L{NewConn} (the shape
+        the master parses on its fast path) for a request the master never
+        sent is misbehaviour, as any other.
+        """
+        self.hostileCluster()
+        worker = self.worker(1)
+        worker.send(rawBox(_answer="ff", accepted=1, connections=0))
+        self.assertMisbehaved(worker, "answered a request the master never sent (tag b'ff')")
+
+    def test_fastPathMalformedAnswer(self) -> None:
+        """
+        So is such an answer whose C{accepted} is not an integer; the
+        connection goes to the other worker.
+        """
+        self.hostileCluster()
+        worker = self.worker(1)
+        worker.holding.add(NewConn)
+        (client,) = self.connect()
+        (tag,) = worker.channel.server._outstandingRequests
+        worker.send(rawBox(_answer=tag, accepted="all", connections=0))
+        self.assertMisbehaved(worker, "sent a malformed answer to NewConn (ValueError")
+        (fd,) = self.worker(2).connections
+        client.sendall(b"moved")
+        self.assertEqual(readFrom(fd), b"moved")
+
+    def test_answersInPieces(self) -> None:
+        """
+        Answers to several L{NewConn}s that arrive together, or a byte at a
+        time, or cut anywhere, are all read, in order, by the fast path or
+        the general parser, whichever sees them.
+        """
+        self.hostileCluster()
+        worker = self.worker(1)
+        worker.holding.add(NewConn)
+        outstanding = worker.channel.server._outstandingRequests
+        for cut in (None, 1, 5, 17, 40):
+            for _ in range(4):
+                if len(outstanding) == 2:
+                    break
+                self.connect()
+            tags = sorted(outstanding)
+            self.assertEqual(len(tags), 2, cut)
+            data = b"".join(rawBox(_answer=tag, accepted=1, connections=4) for tag in tags)
+            pieces = [data] if cut is None else [data[i : i + cut] for i in range(0, len(data), cut)]
+            for piece in pieces:
+                worker.send(piece)
+            self.assertEqual(outstanding, {}, cut)
+        self.assertEqual(worker.process.signals, [])
+        self.assertEqual(self.cluster.statistics().workers[0].handed, 10)
+        self.assertNoUnhandledError()
+
     def assertTookTooMany(self, accepted: int) -> None:
         """
         A L{NewConn} answered with C{accepted} for one connection is

@@ -366,6 +366,65 @@ class BatchingUNIXServerTests(unittest.SynchronousTestCase):
         self.assertEqual(receiver.data(), b"y" * self.count)
         self.assertEqual([inode(fd) for fd in receiver.descriptors()], [inode(fd) for fd in sent])
 
+    def test_writesAtOnce(self) -> None:
+        """
+        With nothing buffered, C{write} sends the bytes, and the
+        descriptors queued before them, in the call: the peer has them
+        without a C{doWrite}, and the transport never asked the reactor to
+        write (no writer turned on and off per box).
+        """
+        mine, peer = socketPair(self)
+        transport = channel(self, self.clock, mine, Protocol())
+        receiver = RawReceiver(self, peer)
+        sent = pipeDescriptors(self, 3)
+        for fd in sent:
+            transport.sendFileDescriptor(fd)
+        self.assertNotIn(transport, self.clock.getWriters())
+        transport.write(b"box")
+        self.assertNotIn(transport, self.clock.getWriters())
+        self.assertEqual((pendingBytes(transport), transport._sendmsgQueue), (0, []))
+        receiver.drain()
+        self.assertEqual(receiver.data(), b"box")
+        self.assertEqual([inode(fd) for fd in receiver.descriptors()], [inode(fd) for fd in sent])
+        transport.write(b"more")
+        receiver.drain()
+        self.assertEqual(receiver.data(), b"boxmore")
+        self.assertNotIn(transport, self.clock.getWriters())
+
+    def test_writesWhatTheSocketLeavesLater(self) -> None:
+        """
+        What the socket does not take in the call waits, in order, for the
+        reactor's writable event; a write meanwhile queues behind it rather
+        than jumping ahead.
+        """
+        mine, peer = socketPair(self)
+        transport = channel(self, self.clock, mine, Protocol())
+        receiver = RawReceiver(self, peer)
+        filler = os.urandom(4 << 20)
+        transport.write(filler)
+        self.assertGreater(pendingBytes(transport), 0)
+        self.assertIn(transport, self.clock.getWriters())
+        (fd,) = pipeDescriptors(self, 1)
+        transport.sendFileDescriptor(fd)
+        transport.write(b"after")
+        self.assertEqual(transport._sendmsgQueue, [fd])
+        sendThrough(self.clock, transport, receiver)
+        self.assertEqual(receiver.data(), filler + b"after")
+        self.assertEqual([inode(d) for d in receiver.descriptors()], [inode(fd)])
+
+    def test_failedWriteIsTheReactors(self) -> None:
+        """
+        A write to a socket whose peer is gone is left to the reactor's
+        C{doWrite}, which reports the connection lost as it does for
+        Twisted's transport.
+        """
+        mine, peer = socketPair(self)
+        transport = channel(self, self.clock, mine, Protocol())
+        peer.close()
+        transport.write(b"lost")
+        self.assertIn(transport, self.clock.getWriters())
+        self.assertIsInstance(transport.doWrite(), Exception)
+
     def test_bytesAlone(self) -> None:
         """
         With no descriptor queued the transport writes bytes as Twisted's

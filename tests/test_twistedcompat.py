@@ -315,12 +315,18 @@ class BatchingUNIXServerPinTests(unittest.SynchronousTestCase):
 
     def test_sendFileDescriptorQueues(self) -> None:
         """
-        C{sendFileDescriptor} appends the descriptor to the transport's
-        C{_sendmsgQueue} list, in order, and asks to write.
+        Twisted's C{sendFileDescriptor} appends the descriptor to the
+        transport's C{_sendmsgQueue} list, in order, asks the producer to
+        pause if need be (C{_maybePauseProducer}, which
+        L{BatchingUNIXServer}'s calls too) and asks to write.
         """
         clock = MemoryReactorClock()
         mine, _ = socketPair(self)
-        transport = adoptedUNIX(self, clock, mine, Protocol(), BatchingUNIXServer)
+        transport = adoptedUNIX(self, clock, mine, Protocol())
+        self.assertTrue(
+            callable(getattr(transport, "_maybePauseProducer", None)),
+            followChange("no longer has FileDescriptor._maybePauseProducer", "BatchingUNIXServer"),
+        )
         self.assertIsInstance(
             getattr(transport, "_sendmsgQueue", None),
             list,

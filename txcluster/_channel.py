@@ -38,6 +38,7 @@ from txcluster._commands import (
     AgentSend,
     AskAgent,
     Close,
+    NEWCONN_ANSWER_KEYS,
     DescriptorList,
     FinalMetrics,
     Leaving,
@@ -51,18 +52,24 @@ from txcluster._commands import (
     ToMaster,
     UnknownListen,
     closeUnclaimedDescriptors,
+    readBox,
 )
 from txcluster._policy import CommandBudget, FailureWindow
 from txcluster._twistedcompat import (
     MAX_KEY_LENGTH,
+    BatchingUNIXServer,
     connectionLostQuietly,
     makeConnectionQuietly,
     outstandingRequests,
+    parserIdle,
     readingValue,
     responderFor,
 )
 
 _DESCRIPTORS = DescriptorList()
+
+# How an answer to NewConn starts: see MasterChannel._handoffAnswers.
+_ANSWER_KEY = NEWCONN_ANSWER_KEYS[0]
 
 _log = Logger(namespace="txcluster.master")
 
@@ -245,6 +252,7 @@ class MasterChannel(amp.AMP):
         self._answering = False
         self._receiving = False
         self._wasOnline = False
+        self._reader = None
 
     # Misbehaviour ----------------------------------------------------------
 
@@ -306,7 +314,10 @@ class MasterChannel(amp.AMP):
         # are: what the master answered meanwhile goes out first.
         self._receiving = True
         try:
-            super().dataReceived(data)
+            if self.dropped is None and data.startswith(_ANSWER_KEY) and parserIdle(self):
+                data = self._handoffAnswers(data)
+            if data:
+                super().dataReceived(data)
         except Exception as e:
             # The checks below should leave nothing for AMP to raise; if
             # something does, it is still the worker's bytes that did it.
@@ -315,6 +326,37 @@ class MasterChannel(amp.AMP):
             self._receiving = False
         if self.dropped is not None and not self._awaitingAnswers():
             self._close()
+
+    def _handoffAnswers(self, data: bytes) -> bytes:
+        """
+        The hot path of the answers to L{NewConn}: parse the boxes at the
+        start of C{data} that are exactly such an answer (C{_answer},
+        C{accepted}, C{connections}, in the order AMP writes them) to a
+        request the master made, and fire their requests, without the
+        general parser's call per key and value.  At the first box that is
+        anything else, or is incomplete, stop: the general parser, with
+        every check, takes the rest.
+
+        @return: the bytes left for the general parser.
+        """
+        outstanding = outstandingRequests(self)
+        offset = 0
+        while outstanding is not None and self.dropped is None:
+            parsed = readBox(data, offset, NEWCONN_ANSWER_KEYS)
+            if parsed is None:
+                break
+            (tag, accepted, connections), end = parsed
+            question = outstanding.pop(tag, None)
+            if question is None:
+                break
+            offset = end
+            question.addErrback(self.unhandledError)
+            self._answering = True
+            try:
+                question.callback(amp.AmpBox({amp.ANSWER: tag, b"accepted": accepted, b"connections": connections}))
+            finally:
+                self._answering = False
+        return data[offset:]
 
     def stringReceived(self, string: bytes) -> None:
         if self.dropped is not None and not self._answersOnly:
@@ -557,12 +599,69 @@ class MasterChannel(amp.AMP):
         self._misbehave(f"sent a malformed answer to {command.__name__} ({_parseProblem(failure.value)})")
         return Failure(ConnectionLost(f"the worker's answer to {command.__name__} was malformed"))
 
+    @property
+    def handoffsUnanswered(self) -> int:
+        """
+        How many L{NewConn}s sent on this channel wait for their answer.
+        """
+        return self._handoffs
+
+    # Reading when the master is awake anyway (see AnswerReader) ---------------
+
+    def readLater(self, reader: "AnswerReader") -> bool:
+        """
+        Take this channel out of the reactor's readers: C{reader} reads it
+        from now on (L{readNow}) until it hands it back (L{readEagerly}).
+
+        @return: whether it was taken out (a transport other than
+            L{BatchingUNIXServer}, as in the unit tests' fakes, is always
+            read by the reactor).
+        """
+        transport = self.transport
+        if type(transport) is not BatchingUNIXServer or not transport.connected or transport.disconnecting:
+            return False
+        transport.stopReading()
+        self._reader = reader
+        return True
+
+    def readNow(self) -> bool:
+        """
+        Read what the worker has sent, as the reactor would.
+
+        @return: whether the channel may stay out of the reactor's readers
+            (L{False}: it closed, or broke, and was handed back so that the
+            reactor sees that, as it sees every lost connection).
+        """
+        transport = self.transport
+        if transport is None or not transport.connected or transport.disconnecting:
+            self.readEagerly()
+            return False
+        why = transport.doRead()
+        if why is not None:
+            self.readEagerly()
+            return False
+        return True
+
+    def readEagerly(self) -> None:
+        """
+        Back to the reactor's readers.
+        """
+        if self._reader is None:
+            return
+        self._reader = None
+        transport = self.transport
+        if transport is not None and transport.connected and not transport.disconnecting:
+            transport.startReading()
+
     # Connection ---------------------------------------------------------------
 
     def makeConnection(self, transport) -> None:
         makeConnectionQuietly(self, transport)
 
     def connectionLost(self, reason) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            reader.forget(self)
         self._closeDescriptors()
         if self.dropped is not None:
             reason = Failure(ChannelDropped(self.dropped))
@@ -575,3 +674,73 @@ class MasterChannel(amp.AMP):
             outstanding = Failure(ConnectionLost(f"the channel broke: {reason.getErrorMessage()}"))
         connectionLostQuietly(self, outstanding)
         self.requests.channelLost(reason)
+
+
+#: How long, at most, the master leaves a worker's answer to a NewConn
+#: unread when no connection arrives meanwhile, in seconds.
+ANSWER_DELAY = 0.005
+
+
+class AnswerReader:
+    """
+    Reads the workers' answers to L{NewConn} when the master is awake
+    anyway, instead of being woken for each.
+
+    At a moderate rate nothing batches: the master sleeps, is woken by a
+    connection, hands it off and sleeps, and is woken again some 100 µs
+    later by the worker's answer.  A wake-up costs more CPU here than
+    everything the master does for the connection.  So a channel a
+    L{NewConn} went out on leaves the reactor's readers, and its answers
+    are read just before the next connections are dispatched (whose
+    accept woke the master), and L{ANSWER_DELAY} seconds after the first
+    such handoff, at the latest, every channel is read and goes back to
+    the reactor's readers.  The worker writes its answer at once, before it reads the
+    connection, so the rule that an answer is in the channel before the
+    connection is read still holds: a worker that dies leaves its answers
+    readable before the end of the channel.  What else a worker sends
+    meanwhile (L{Ready}, L{LoadReport}, ...) waits as long, at most.
+    """
+
+    def __init__(self, reactor, delay: float = ANSWER_DELAY) -> None:
+        self._reactor = reactor
+        self._delay = delay
+        self._waiting: dict[MasterChannel, None] = {}
+        self._timer = None
+
+    def handedOff(self, channel: MasterChannel) -> None:
+        """
+        A L{NewConn} went out on C{channel}.
+        """
+        if channel in self._waiting or not channel.readLater(self):
+            return
+        self._waiting[channel] = None
+        if self._timer is None:
+            self._timer = self._reactor.callLater(self._delay, self._due)
+
+    def readAnswers(self) -> None:
+        """
+        Read every channel that waits for answers (the master is about to
+        dispatch connections).
+        """
+        for channel in list(self._waiting):
+            if channel.handoffsUnanswered and not channel.readNow():
+                self._waiting.pop(channel, None)
+
+    def forget(self, channel: MasterChannel) -> None:
+        """
+        C{channel} is gone.
+        """
+        self._waiting.pop(channel, None)
+        if not self._waiting and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _due(self) -> None:
+        # Every channel goes back to the reactor, which wakes the master
+        # for what is still to come (a worker that is slow to answer does
+        # not make it poll).
+        self._timer = None
+        waiting, self._waiting = self._waiting, {}
+        for channel in waiting:
+            if channel.readNow():
+                channel.readEagerly()

@@ -23,7 +23,9 @@ See C{docs/protocol.md} for the prose version.
 
 import json
 import os
+import struct
 import zlib
+from typing import Optional
 
 from twisted.protocols import amp
 
@@ -65,6 +67,66 @@ def describeWorkerId(workerId: int) -> str:
     A worker id for a log line: C{"worker 3"}, or C{"the agent"}.
     """
     return "the agent" if workerId == AGENT_ID else f"worker {workerId}"
+
+
+# The hot path's boxes, read and written directly --------------------------
+
+
+def wireKeys(*keys: bytes) -> tuple:
+    """
+    C{keys} as they go on the wire, each after its 16-bit length, for
+    L{readBox} and L{writeBox}.  AMP writes a box's keys sorted: give them
+    in that order.
+    """
+    return tuple(struct.pack("!H", len(key)) + key for key in keys)
+
+
+def readBox(data: bytes, offset: int, keys: tuple) -> Optional[tuple]:
+    """
+    Parse the AMP box at C{data[offset:]} if its keys are exactly C{keys}
+    (from L{wireKeys}), in that order, and it is complete.
+
+    @return: C{(values, end)}: the values in the order of C{keys}, and the
+        offset after the box; or L{None} (another box, or an incomplete
+        one: the general parser takes it).
+    """
+    end = len(data)
+    at = offset
+    values = []
+    for key in keys:
+        if not data.startswith(key, at):
+            return None
+        at += len(key)
+        if at + 2 > end:
+            return None
+        length = (data[at] << 8) | data[at + 1]
+        at += 2
+        if at + length > end:
+            return None
+        values.append(data[at : at + length])
+        at += length
+    if data[at : at + 2] != b"\x00\x00":
+        return None
+    return values, at + 2
+
+
+def writeBox(keys: tuple, values: tuple) -> bytes:
+    """
+    The bytes of the AMP box with C{keys} (from L{wireKeys}) and C{values}
+    (bytes, at most 65,535 each): what C{AmpBox.serialize} makes of it.
+    """
+    parts = []
+    for key, value in zip(keys, values):
+        parts += (key, struct.pack("!H", len(value)), value)
+    parts.append(b"\x00\x00")
+    return b"".join(parts)
+
+
+#: The keys of an answer to L{NewConn}, as a worker writes it.
+NEWCONN_ANSWER_KEYS = wireKeys(amp.ANSWER, b"accepted", b"connections")
+
+#: The keys of a L{NewConn} the master sends (it always asks for an answer).
+NEWCONN_KEYS = wireKeys(amp.ASK, amp.COMMAND, b"fds", b"listenId")
 
 
 class DescriptorList(amp.Argument):

@@ -16,7 +16,9 @@ What is used, and why:
     transport by hand and must know whether there is something to write.
   - L{BatchingUNIXServer}: Twisted's UNIX stream transport, whose
     C{writeSomeData} sends the queued descriptors (C{_sendmsgQueue}) in one
-    C{sendmsg} instead of one each (C{_writeSomeDataBase}).
+    C{sendmsg} instead of one each (C{_writeSomeDataBase}), and whose
+    C{write} sends at once when nothing is buffered (C{dataBuffer},
+    C{_maybePauseProducer}).
   - L{adoptUNIXTransport}: C{Server._fromConnectedSocket}, to adopt a
     socket with a transport class of our own (the reactor's
     C{adoptStreamConnection} always uses Twisted's).
@@ -27,10 +29,11 @@ What is used, and why:
     unlinks the path; its C{startListening} is C{unix.Port}'s without
     those (C{tcp._reservedFD}, C{numberAccepts}, C{_getLogPrefix}).
   - L{unclaimedDescriptors}, L{outstandingRequests}, L{responderFor},
-    L{MAX_KEY_LENGTH}, L{readingValue}: AMP's received-descriptor store,
-    its table of unanswered requests, its command dispatch table, its key
-    length limit and its parser state, which the master's channel uses to
-    refuse what a hostile worker sends.
+    L{MAX_KEY_LENGTH}, L{readingValue}, L{parserIdle}: AMP's
+    received-descriptor store, its table of unanswered requests, its command
+    dispatch table, its key length limit and its parser state, which the
+    master's channel uses to refuse what a hostile worker sends and to
+    parse the answers to NewConn on a fast path.
   - L{makeConnectionQuietly}, L{connectionLostQuietly}: AMP's
     C{makeConnection}/C{connectionLost} without the info-level line AMP
     logs for every connection (and with the attributes that line needs).
@@ -99,7 +102,31 @@ class BatchingUNIXServer(unix.Server):
     where Twisted's sends one descriptor per call with one byte each.  The
     receiver is an ordinary Twisted UNIX transport: it gets the descriptors
     before the bytes of the box that names them, in order.
+
+    It also writes at once: when nothing is queued, C{write} sends the bytes
+    (and the descriptors queued before them) in the call, and only what the
+    socket does not take waits for the reactor's writable event.  Twisted's
+    waits for the next reactor turn, and turns the writer on and off (two
+    C{epoll_ctl}) for every box.  A failed send is left to the reactor's
+    write, which finds the same error and loses the connection as usual.
     """
+
+    def sendFileDescriptor(self, fileno) -> None:
+        # Queued for the write that follows (a descriptor needs bytes to
+        # travel with): write() sends both at once.
+        self._sendmsgQueue.append(fileno)
+        self._maybePauseProducer()
+
+    def write(self, data) -> None:
+        if data and self.connected and not self.disconnecting and not pendingBytes(self):
+            sent = self.writeSomeData(data)
+            if isinstance(sent, int):
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        unix.Server.write(self, data)
+        if self._sendmsgQueue:
+            self.startWriting()
 
     def writeSomeData(self, data):
         queue = self._sendmsgQueue
@@ -228,6 +255,21 @@ def responderFor(proto: amp.AMP, name: bytes):
     the command called C{name}, or L{None} (AMP's C{_commandDispatch}).
     """
     return proto._commandDispatch.get(name)
+
+
+def parserIdle(proto: amp.BinaryBoxProtocol) -> bool:
+    """
+    Whether C{proto}'s parser holds nothing: no bytes of an unfinished
+    string (C{IntNStringReceiver._unprocessed}), no unfinished box
+    (C{_currentBox}), no protocol switched to (C{innerProtocol}), and it is
+    not paused.  Bytes that arrive then start a new box.
+    """
+    return (
+        not proto._unprocessed
+        and proto._currentBox is None
+        and proto.innerProtocol is None
+        and not getattr(proto, "paused", False)
+    )
 
 
 def readingValue(proto: amp.BinaryBoxProtocol) -> bool:

@@ -56,7 +56,7 @@ from txcluster._commands import (
 from txcluster._deferreds import observe
 from txcluster._keepalive import IDLE_GRACE, endAllKeepAlive
 from txcluster._ports import AdoptedPort, ConnectionTracker, DispatchedPort, trackingFactory
-from txcluster._twistedcompat import SharedUNIXPort
+from txcluster._twistedcompat import BatchingUNIXServer, SharedUNIXPort, adoptUNIXTransport
 from txcluster._workerchannel import MasterUnavailable, WorkerChannel
 
 __all__ = [
@@ -119,6 +119,9 @@ class Worker:
     @ivar disconnecting: it is leaving.
     """
 
+    #: The transport class of the channel to the master.
+    channelTransport = BatchingUNIXServer
+
     def __init__(
         self,
         reactor,
@@ -161,10 +164,10 @@ class Worker:
         Run the channel over the inherited socket C{fd} (closed afterwards)
         and say L{Online}.
         """
-        from twisted.internet.protocol import Factory
-
         channel = WorkerChannel(self)
-        self.reactor.adoptStreamConnection(fd, socket.AF_UNIX, Factory.forProtocol(lambda: channel))
+        # The master's transport class: a NewConn's answer goes out in the
+        # call that makes it.
+        adoptUNIXTransport(self.reactor, fd, channel, self.channelTransport)
         os.close(fd)
         self.channel = channel
         self._call(Online, pid=self.pid)

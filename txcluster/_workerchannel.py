@@ -26,6 +26,8 @@ from txcluster._commands import (
     AgentFailed,
     AgentRequest,
     AgentWorkers,
+    NEWCONN_ANSWER_KEYS,
+    NEWCONN_KEYS,
     DescriptorList,
     Disconnect,
     NewConn,
@@ -34,8 +36,10 @@ from txcluster._commands import (
     ToWorker,
     WorkerCount,
     closeUnclaimedDescriptors,
+    readBox,
+    writeBox,
 )
-from txcluster._twistedcompat import connectionLostQuietly, makeConnectionQuietly, pendingBytes
+from txcluster._twistedcompat import connectionLostQuietly, makeConnectionQuietly, parserIdle, pendingBytes
 
 _FDS = DescriptorList()
 
@@ -168,12 +172,29 @@ class WorkerChannel(amp.AMP):
     def dataReceived(self, data: bytes) -> None:
         self._parsing = True
         try:
-            super().dataReceived(data)
+            if data.startswith(NEWCONN_KEYS[0]) and parserIdle(self):
+                data = self._newConnBoxes(data)
+            if data:
+                super().dataReceived(data)
         finally:
             self._parsing = False
         self._dispatch()
         if self._flushSoon:
             self._flush()
+
+    def _newConnBoxes(self, data: bytes) -> bytes:
+        # The hot path's parser: the NewConn boxes at the start of data are
+        # queued as AMP's parser would queue them (their descriptors have
+        # arrived already, before the bytes); the rest is AMP's to parse.
+        offset = 0
+        while True:
+            parsed = readBox(data, offset, NEWCONN_KEYS)
+            if parsed is None or parsed[0][1] != NewConn.commandName:
+                return data[offset:]
+            (ask, command, fds, listenId), offset = parsed
+            self._inbox.append(
+                amp.AmpBox({amp.ASK: ask, amp.COMMAND: command, b"fds": fds, b"listenId": listenId})
+            )
 
     def ampBoxReceived(self, box) -> None:
         # Called by the parser: only queue.
@@ -210,10 +231,8 @@ class WorkerChannel(amp.AMP):
         accepted = self._worker._adopt(listenId, fds)
         self._flushSoon = True
         ask = box.get(amp.ASK)
-        if ask is not None:
-            self.sendBox(
-                amp.AmpBox({amp.ANSWER: ask, b"accepted": b"%d" % accepted, b"connections": b"%d" % before})
-            )
+        if ask is not None and self.transport is not None:
+            self.transport.write(writeBox(NEWCONN_ANSWER_KEYS, (ask, b"%d" % accepted, b"%d" % before)))
 
     def _scheduleReplay(self) -> None:
         if self._held and not self._holdDepth and not self._replayScheduled:
