@@ -299,6 +299,7 @@ class RealWorkerSpawner:
         executable: Optional[str] = None,
         uid: Optional[int] = None,
         gid: Optional[int] = None,
+        board: Optional[int] = None,
     ) -> FakeProcess:
         pid = self.nextPid
         self.nextPid += 1

@@ -190,8 +190,8 @@ class AnswerReaderTests(unittest.SynchronousTestCase):
 
         channel = MasterChannel(_Requests(), self.clock.seconds)
         channel.transport = Other()
-        self.assertFalse(channel.readLater(self.reader))
         self.reader.handedOff(channel)
+        self.assertIsNone(channel.answerReader)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

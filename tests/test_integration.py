@@ -95,6 +95,48 @@ class TCPTests(unittest.TestCase):
         self.assertEqual(seen, {1, 2})
 
 
+class FairSharedAcceptTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_burstSpreads(self):
+        """
+        Under shared scheduling a burst of long-lived connections, opened
+        at once while both workers idle, is spread over the workers (the
+        load board and the accept gate): without them one worker, the
+        first awake, takes most or all of it.
+        """
+        from collections import Counter
+
+        from twisted.internet.threads import deferToThread
+
+        cluster, events = await startCluster(
+            self, app("whoami.tac"), workers=2, scheduling="shared", env={"WHOAMI_LISTEN": "tcp:0:interface=127.0.0.1"}
+        )
+        await events.waitCount(WorkerListening, 2)
+        port = listeningPort(events)
+
+        def burst(count: int) -> Counter:
+            socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+            try:
+                seen = Counter()
+                for s in socks:
+                    line = b""
+                    while not line.endswith(b"\n"):
+                        chunk = s.recv(100)
+                        if not chunk:
+                            raise AssertionError("a connection closed early")
+                        line += chunk
+                    seen[workerOf(line.decode())] += 1
+                return seen
+            finally:
+                for s in socks:
+                    s.close()
+
+        seen = await deferToThread(burst, 16)
+        self.assertEqual(sum(seen.values()), 16)
+        self.assertGreaterEqual(min(seen.get(1, 0), seen.get(2, 0)), 3, seen)
+
+
 class ExclusiveTests(unittest.TestCase):
     timeout = 60
 

@@ -98,6 +98,7 @@ class ClusterTestsMixin:
     def _closeSockets(self) -> None:
         if self.cluster is not None and self.cluster._table is not None:
             self.cluster._table.closeAll()
+            self.cluster._processes.board.close()
 
     def makeCluster(self, workers: int = 2, start: bool = True, **config) -> ClusterService:
         """

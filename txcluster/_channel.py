@@ -234,14 +234,19 @@ class MasterChannel(amp.AMP):
     @ivar dropped: why the master stopped reading this channel, or L{None}.
     """
 
-    def __init__(self, requests: WorkerRequests, seconds: Callable[[], float]) -> None:
+    def __init__(
+        self, requests: WorkerRequests, seconds: Callable[[], float], answers: Optional["AnswerReader"] = None
+    ) -> None:
         """
         @param requests: what the worker may ask, and whom to tell what it
             did.
         @param seconds: the clock for the rate limit (the master's reactor's).
+        @param answers: what reads the answers to L{NewConn} (L{None}: the
+            reactor, as it reads the rest).
         """
         super().__init__()
         self.requests = requests
+        self._answers = answers
         self._seconds = seconds
         self.dropped: Optional[str] = None
         self._answersOnly = False
@@ -252,7 +257,8 @@ class MasterChannel(amp.AMP):
         self._answering = False
         self._receiving = False
         self._wasOnline = False
-        self._reader = None
+        #: The L{AnswerReader} that reads this channel now, if one does.
+        self.answerReader: Optional[AnswerReader] = None
 
     # Misbehaviour ----------------------------------------------------------
 
@@ -559,6 +565,8 @@ class MasterChannel(amp.AMP):
         ordinals = _DESCRIPTORS.toStringProto(fds, self)
         d = self.callRemoteString(NewConn.commandName, listenId=b"%d" % listenId, fds=ordinals)
         self._handoffs += 1
+        if self._answers is not None:
+            self._answers.handedOff(self)
         d.addBoth(self._handoffAnswered)
         return d.addCallback(self._acceptedCount)
 
@@ -606,62 +614,14 @@ class MasterChannel(amp.AMP):
         """
         return self._handoffs
 
-    # Reading when the master is awake anyway (see AnswerReader) ---------------
-
-    def readLater(self, reader: "AnswerReader") -> bool:
-        """
-        Take this channel out of the reactor's readers: C{reader} reads it
-        from now on (L{readNow}) until it hands it back (L{readEagerly}).
-
-        @return: whether it was taken out (a transport other than
-            L{BatchingUNIXServer}, as in the unit tests' fakes, is always
-            read by the reactor).
-        """
-        transport = self.transport
-        if type(transport) is not BatchingUNIXServer or not transport.connected or transport.disconnecting:
-            return False
-        transport.stopReading()
-        self._reader = reader
-        return True
-
-    def readNow(self) -> bool:
-        """
-        Read what the worker has sent, as the reactor would.
-
-        @return: whether the channel may stay out of the reactor's readers
-            (L{False}: it closed, or broke, and was handed back so that the
-            reactor sees that, as it sees every lost connection).
-        """
-        transport = self.transport
-        if transport is None or not transport.connected or transport.disconnecting:
-            self.readEagerly()
-            return False
-        why = transport.doRead()
-        if why is not None:
-            self.readEagerly()
-            return False
-        return True
-
-    def readEagerly(self) -> None:
-        """
-        Back to the reactor's readers.
-        """
-        if self._reader is None:
-            return
-        self._reader = None
-        transport = self.transport
-        if transport is not None and transport.connected and not transport.disconnecting:
-            transport.startReading()
-
     # Connection ---------------------------------------------------------------
 
     def makeConnection(self, transport) -> None:
         makeConnectionQuietly(self, transport)
 
     def connectionLost(self, reason) -> None:
-        if self._reader is not None:
-            reader, self._reader = self._reader, None
-            reader.forget(self)
+        if self.answerReader is not None:
+            self.answerReader.forget(self)
         self._closeDescriptors()
         if self.dropped is not None:
             reason = Failure(ChannelDropped(self.dropped))
@@ -694,11 +654,13 @@ class AnswerReader:
     are read just before the next connections are dispatched (whose
     accept woke the master), and L{ANSWER_DELAY} seconds after the first
     such handoff, at the latest, every channel is read and goes back to
-    the reactor's readers.  The worker writes its answer at once, before it reads the
-    connection, so the rule that an answer is in the channel before the
-    connection is read still holds: a worker that dies leaves its answers
-    readable before the end of the channel.  What else a worker sends
-    meanwhile (L{Ready}, L{LoadReport}, ...) waits as long, at most.
+    the reactor's readers.  The worker writes its answer at once, before
+    it reads the connection, so the rule that an answer is in the channel
+    before the connection is read still holds: a worker that dies leaves
+    its answers readable before the end of the channel.  What else a
+    worker sends meanwhile (L{Ready}, L{LoadReport}, ...) waits as long,
+    at most.  Only a channel over L{BatchingUNIXServer} is read so (the
+    unit tests' fake transports are always the reactor's).
     """
 
     def __init__(self, reactor, delay: float = ANSWER_DELAY) -> None:
@@ -711,8 +673,11 @@ class AnswerReader:
         """
         A L{NewConn} went out on C{channel}.
         """
-        if channel in self._waiting or not channel.readLater(self):
+        transport = channel.transport
+        if channel.answerReader is not None or type(transport) is not BatchingUNIXServer or not _open(transport):
             return
+        transport.stopReading()
+        channel.answerReader = self
         self._waiting[channel] = None
         if self._timer is None:
             self._timer = self._reactor.callLater(self._delay, self._due)
@@ -723,24 +688,41 @@ class AnswerReader:
         dispatch connections).
         """
         for channel in list(self._waiting):
-            if channel.handoffsUnanswered and not channel.readNow():
-                self._waiting.pop(channel, None)
+            if channel.handoffsUnanswered and not self._read(channel):
+                self._handBack(channel)
 
     def forget(self, channel: MasterChannel) -> None:
         """
         C{channel} is gone.
         """
+        channel.answerReader = None
         self._waiting.pop(channel, None)
         if not self._waiting and self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def _read(self, channel: MasterChannel) -> bool:
+        # Read what the worker sent, as the reactor would; False when the
+        # channel closed or broke (the reactor must see that).
+        transport = channel.transport
+        return transport is not None and _open(transport) and transport.doRead() is None
+
+    def _handBack(self, channel: MasterChannel) -> None:
+        self._waiting.pop(channel, None)
+        if channel.answerReader is self:
+            channel.answerReader = None
+            if channel.transport is not None and _open(channel.transport):
+                channel.transport.startReading()
+
     def _due(self) -> None:
         # Every channel goes back to the reactor, which wakes the master
-        # for what is still to come (a worker that is slow to answer does
-        # not make it poll).
+        # for what is still to come (a worker slow to answer does not
+        # make it poll).
         self._timer = None
-        waiting, self._waiting = self._waiting, {}
-        for channel in waiting:
-            if channel.readNow():
-                channel.readEagerly()
+        for channel in list(self._waiting):
+            self._read(channel)
+            self._handBack(channel)
+
+
+def _open(transport) -> bool:
+    return transport.connected and not transport.disconnecting

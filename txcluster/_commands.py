@@ -41,6 +41,10 @@ LOG_FD = 4
 #: (C{faulthandler}, on C{SIGUSR1}).
 STACKS_FD = 5
 
+#: The file descriptor number of the load board in a worker (C{shared}
+#: scheduling: L{txcluster._loadboard}).
+BOARD_FD = 6
+
 #: The shortest time between two L{LoadReport}s from one worker.
 LOAD_REPORT_INTERVAL = 0.01
 
@@ -55,6 +59,9 @@ ENV_MASTER_PID = "TXCLUSTER_MASTER_PID"
 ENV_GRACEFUL_TIMEOUT = "TXCLUSTER_GRACEFUL_TIMEOUT"
 #: C{agent} in the agent process (C{--agent}); unset in workers.
 ENV_ROLE = "TXCLUSTER_ROLE"
+#: Under C{shared} scheduling: the worker's slot on the load board (fd
+#: L{BOARD_FD}); unset otherwise.
+ENV_LOAD_SLOT = "TXCLUSTER_LOAD_SLOT"
 #: Under C{--proxy-protocol}: JSON C{{"allow": [...], "timeout": seconds}}.
 ENV_PROXY = "TXCLUSTER_PROXY"
 

@@ -101,9 +101,7 @@ class HandleTable:
     @param adopted: C{(seconds, count)}: C{count} connections were taken
         by a worker C{seconds} after they were accepted.
     @param keys: the L{ClientKeys} of sticky handles' connections.
-    @param beforeDispatch: called when connections were accepted, before
-        they are dispatched (the master reads the answers that wait, see
-        L{txcluster._channel.AnswerReader}).
+    @ivar beforeDispatch: called when connections were accepted, first.
     """
 
     def __init__(
@@ -118,7 +116,6 @@ class HandleTable:
         badAnswer: Callable[[Hashable, str], None] = lambda worker, why: None,
         adopted: Optional[Callable[[float, int], None]] = None,
         keys: Optional[ClientKeys] = None,
-        beforeDispatch: Optional[Callable[[], None]] = None,
     ) -> None:
         if scheduling not in SCHEDULING:
             raise ValueError(f"unknown scheduling {scheduling!r}")
@@ -131,7 +128,7 @@ class HandleTable:
         self._resourcePause = resourcePause
         self._badAnswer = badAnswer
         self._adopted = adopted
-        self._beforeDispatch = beforeDispatch
+        self.beforeDispatch: Callable[[], None] = lambda: None
         #: Who each connection's client is, for sticky handles.
         self.keys = keys if keys is not None else ClientKeys(reactor)
         # When each connection the master holds was accepted.
@@ -340,8 +337,7 @@ class HandleTable:
         return handle
 
     def _accepted(self, handle: Handle, fds: list) -> None:
-        if self._beforeDispatch is not None:
-            self._beforeDispatch()
+        self.beforeDispatch()
         handle.accepted += len(fds)
         if self._adopted is not None:
             self._acceptedAt.update(dict.fromkeys(fds, self._reactor.seconds()))

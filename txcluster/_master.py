@@ -25,7 +25,6 @@ from txcluster._agent import AGENT_TIMEOUT
 from txcluster._proxy import DEFAULT_ALLOW, DEFAULT_HEADER_TIMEOUT, AllowList
 from txcluster._access import ListenPolicy, parseDeclared, parsePattern, workerIdentity
 from txcluster._commands import AGENT_ID
-from txcluster._channel import AnswerReader
 from txcluster._handles import SCHEDULING, SHARED, HandleStatistics, HandleTable
 from txcluster._deferreds import observe
 from txcluster._lifecycle import ClusterStopped, Phase, ReloadFailed, UnknownWorker, seconds
@@ -266,7 +265,6 @@ class ClusterService(service.Service):
         raiseFileLimit()
         uid, gid = workerIdentity(self.config.user, self.config.group)
         supervisor = Supervisor(self.config, self.reactor, self._restartPolicy, self._emit, self._giveUp)
-        self._answers = AnswerReader(self.reactor)
         table = HandleTable(
             self.reactor,
             self.config.scheduling,
@@ -275,7 +273,6 @@ class ClusterService(service.Service):
             badAnswer=lambda process, why: self._processes.misbehaved(process, why),
             adopted=self.recorder.handoffLatency,
             keys=ClientKeys.forConfig(self.reactor, self.config),
-            beforeDispatch=self._answers.readAnswers,
         )
         supervisor.restarted = self.recorder.restarted
         supervisor.roundTrip = self.recorder.heartbeat
@@ -304,6 +301,7 @@ class ClusterService(service.Service):
             gid,
         )
         self._processes.agentRelay = supervisor.agent.relay
+        table.beforeDispatch = self._processes.answers.readAnswers
         supervisor.attach(self._processes, table)
         self._status = ClusterStatus(self, supervisor, self._processes, table)
         self._table = table
@@ -426,7 +424,6 @@ class ClusterService(service.Service):
 
     def _sendConnections(self, process, listenId: int, fds: list) -> defer.Deferred:
         d = process.channel.sendConnections(listenId, fds)
-        self._answers.handedOff(process.channel)
         if process.allowance.limit is not None and process.allowance.exhausted:
             self._supervisor.recycler.limitReached(process)
         return d.addCallback(self._taken, process, len(fds))

@@ -9,6 +9,7 @@ socket), and the count of the connections they give the application.
 from __future__ import annotations
 
 import os
+import socket
 from errno import ENOTCONN
 from typing import Callable, Optional, Protocol
 
@@ -19,6 +20,7 @@ from twisted.python.components import proxyForInterface
 from zope.interface import implementer
 
 from txcluster._deferreds import observe
+from txcluster._twistedcompat import SharedUNIXPort
 
 _log = Logger(namespace="txcluster.worker")
 
@@ -196,11 +198,31 @@ class AdoptedPort:
     when it closes.
     """
 
-    def __init__(self, worker: PortOwner, listenId: int, port) -> None:
+    def __init__(self, worker: PortOwner, listenId: int, port, gate=None) -> None:
+        """
+        @param gate: the port's L{txcluster._loadboard.AcceptGate}, if it
+            has one (stopped with the port).
+        """
         self._worker = worker
         self.listenId = listenId
         self._port = port
+        self._gate = gate
         self._closed: Optional[defer.Deferred] = None
+
+    @classmethod
+    def stream(cls, worker, listenId: int, fd: int, family: int, factory) -> "AdoptedPort":
+        """
+        A port over the shared listening stream socket C{fd} (C{dup()}ed),
+        whose connections the worker's tracker counts, behind the worker's
+        accept gate if it has a load board.
+        """
+        tracked = trackingFactory(factory, worker.tracker)
+        if family == socket.AF_UNIX:
+            port = SharedUNIXPort.adopt(worker.reactor, fd, tracked)
+        else:
+            port = worker.reactor.adoptStreamPort(fd, family, tracked)
+        board = getattr(worker, "board", None)
+        return cls(worker, listenId, port, board.gate(port, worker.reactor) if board is not None else None)
 
     @property
     def factory(self):
@@ -211,6 +233,8 @@ class AdoptedPort:
 
     def stopListening(self) -> defer.Deferred:
         if self._closed is None:
+            if self._gate is not None:
+                self._gate.stop()
             local = defer.maybeDeferred(self._port.stopListening)
             self._closed = defer.gatherResults([local, self._worker._close(self)], consumeErrors=True)
             self._closed.addBoth(lambda _: None)

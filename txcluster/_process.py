@@ -161,6 +161,7 @@ def spawnWorker(
     executable: str = sys.executable,
     uid: Optional[int] = None,
     gid: Optional[int] = None,
+    board: Optional[int] = None,
 ):
     """
     Start one worker process.
@@ -169,6 +170,8 @@ def spawnWorker(
         connected before this returns.
     @param uid: run the worker as this user (L{None}: the master's).
     @param gid: run the worker with this group (L{None}: the master's).
+    @param board: the load board's descriptor, which the worker inherits as
+        L{BOARD_FD<_commands.BOARD_FD>} (L{None}: none).
     @return: the C{IProcessTransport} of the new process.
     """
     masterEnd, workerEnd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -180,6 +183,16 @@ def spawnWorker(
             reactorModuleName(reactor),
         )
         args = [executable, "-m", "txcluster._workermain", str(workerId), appPath]
+        childFDs = {
+            0: "w",
+            1: "r",
+            2: "r",
+            _commands.CHANNEL_FD: workerEnd.fileno(),
+            _commands.LOG_FD: "r",
+            _commands.STACKS_FD: "r",
+        }
+        if board is not None:
+            childFDs[_commands.BOARD_FD] = board
         with interruptsBlocked():
             transport = reactor.spawnProcess(
                 processProtocol,
@@ -188,14 +201,7 @@ def spawnWorker(
                 env=environment,
                 uid=uid,
                 gid=gid,
-                childFDs={
-                    0: "w",
-                    1: "r",
-                    2: "r",
-                    _commands.CHANNEL_FD: workerEnd.fileno(),
-                    _commands.LOG_FD: "r",
-                    _commands.STACKS_FD: "r",
-                },
+                childFDs=childFDs,
             )
         masterEnd.setblocking(False)
         adoptChannel(reactor, masterEnd.fileno(), channel)

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcluster import _commands, _events
-from txcluster._channel import MasterChannel
+from txcluster._channel import AnswerReader, MasterChannel
 from txcluster._commands import CollectMetrics, Disconnect, ToWorker, WorkerCount, encodeMessage
 from txcluster._lifecycle import (
     SERVING_PHASES,
@@ -32,7 +32,9 @@ from txcluster._lifecycle import (
     seconds,
     spawnFailed,
 )
+from txcluster._handles import SHARED
 from txcluster._listens import ListenBroker
+from txcluster._loadboard import BoardSlots
 from txcluster._policy import requestLimit
 from txcluster._process import StacksUnavailable, WorkerOutput
 from txcluster._scheduler import Allowance
@@ -172,6 +174,10 @@ class ProcessTable:
         self.metricsReported: Callable[[WorkerProcess, str], None] = lambda process, text: None
         #: The messenger between the workers and the agent.
         self.agentRelay = None
+        #: Reads the workers' answers to NewConn.
+        self.answers = AnswerReader(reactor)
+        #: The slots on the load board (fair accept, under shared scheduling).
+        self.board = BoardSlots(enabled=config.scheduling == SHARED)
 
     @property
     def lastSerial(self) -> int:
@@ -201,7 +207,7 @@ class ProcessTable:
         @return: L{False} if the spawner raised (logged; C{process.ending}
             says so and the process is L{Phase.DEAD}).
         """
-        channel = MasterChannel(_Requests(self, process), self._reactor.seconds)
+        channel = MasterChannel(_Requests(self, process), self._reactor.seconds, self.answers)
         process.channel = channel
         process.output = WorkerOutput(
             process.workerId, lambda reason: self.ended(process, reason), self._publisher, clock=self._reactor
@@ -220,6 +226,9 @@ class ProcessTable:
             app = self._config.agent
         else:
             env.pop(_commands.ENV_ROLE, None)
+        env.pop(_commands.ENV_LOAD_SLOT, None)
+        # (The agent's listens are its own.)
+        board = self.board.assign(process, env) if process.workerId != _commands.AGENT_ID else {}
         try:
             process.transport = self._spawner(
                 self._reactor,
@@ -231,17 +240,20 @@ class ProcessTable:
                 env=env,
                 uid=self._uid,
                 gid=self._gid,
+                **board,
             )
         except Exception as e:
             _log.failure("could not spawn worker {workerId}", workerId=process.workerId)
             process.phase = Phase.DEAD
             process.ending = spawnFailed(str(e))
+            self.board.free(process)
             return False
         process.pid = process.transport.pid
         self.processes.add(process)
         _log.info("{worker} forked", worker=process.describe(), workerId=process.workerId, pid=process.pid)
         self._emit(_events.WorkerForked(process.workerId, process.pid))
         return True
+
 
     # What a worker tells the master --------------------------------------------
 
@@ -334,6 +346,7 @@ class ProcessTable:
         if timer is not None and timer.active():
             timer.cancel()
         self.processes.discard(process)
+        self.board.free(process)
         self.broker.table.lose(process, keepOrphans=not self.stopping)
         self.broker.forget(process)
         if process.channel.dropped is not None and process.channel.transport is not None:

@@ -55,8 +55,8 @@ from txcluster._commands import (
 )
 from txcluster._deferreds import observe
 from txcluster._keepalive import IDLE_GRACE, endAllKeepAlive
-from txcluster._ports import AdoptedPort, ConnectionTracker, DispatchedPort, trackingFactory
-from txcluster._twistedcompat import BatchingUNIXServer, SharedUNIXPort, adoptUNIXTransport
+from txcluster._ports import AdoptedPort, ConnectionTracker, DispatchedPort
+from txcluster._twistedcompat import BatchingUNIXServer, adoptUNIXTransport
 from txcluster._workerchannel import MasterUnavailable, WorkerChannel
 
 __all__ = [
@@ -119,7 +119,7 @@ class Worker:
     @ivar disconnecting: it is leaving.
     """
 
-    #: The transport class of the channel to the master.
+    #: The channel's transport class (its writes go out in the call).
     channelTransport = BatchingUNIXServer
 
     def __init__(
@@ -153,6 +153,7 @@ class Worker:
         self._reportScheduled = False
         self._drained: Optional[defer.Deferred] = None
         self._stopping = False
+        self.board = None  # a txcluster._loadboard.WorkerBoard, under shared scheduling
 
     def __repr__(self) -> str:
         return f"<txcluster worker {self.id} pid {self.pid}>"
@@ -165,8 +166,6 @@ class Worker:
         and say L{Online}.
         """
         channel = WorkerChannel(self)
-        # The master's transport class: a NewConn's answer goes out in the
-        # call that makes it.
         adoptUNIXTransport(self.reactor, fd, channel, self.channelTransport)
         os.close(fd)
         self.channel = channel
@@ -250,6 +249,8 @@ class Worker:
         if why is None and not self.leaveRequested:
             why = "disconnect()"
         self.disconnecting = True
+        if self.board is not None:
+            self.board.leave()
         self._drained = defer.Deferred()
         if why is not None and self.channel is not None and self.channel.transport is not None:
             self.channel.callRemote(Leaving, why=why)
@@ -356,12 +357,7 @@ class Worker:
             served = answer.get("kind") or kind
             family = families[served]
             if answer["scheduling"] == "shared":
-                tracked = trackingFactory(factory, self.tracker)
-                if family == socket.AF_UNIX:
-                    realPort = SharedUNIXPort.adopt(self.reactor, answer["fd"], tracked)
-                else:
-                    realPort = self.reactor.adoptStreamPort(answer["fd"], family, tracked)
-                return AdoptedPort(self, answer["listenId"], realPort)
+                return AdoptedPort.stream(self, answer["listenId"], answer["fd"], family, factory)
             host = _address(served, answer["host"], answer["port"])
             p = DispatchedPort(self, answer["listenId"], family, factory, host)
             p.startListening()
@@ -417,6 +413,8 @@ class Worker:
         return self.channel.callRemote(Close, listenId=listenId).addErrback(lambda f: None)
 
     def _connectionsChanged(self, delta: int) -> None:
+        if self.board is not None:
+            self.board.changed(delta)
         # Openings are reported by NewConn answers; a close is reported by
         # a LoadReport, at most every LOAD_REPORT_INTERVAL.
         if self._reportLoad and delta < 0 and not self._reportScheduled:

@@ -182,6 +182,9 @@ def main(argv=None, environ=None) -> None:
         from txcluster._proxy import ProxySettings
 
         worker.proxy = ProxySettings.fromEnvironment(environ.get(_commands.ENV_PROXY), reactor)
+        from txcluster._loadboard import WorkerBoard
+
+        worker.board = WorkerBoard.fromEnvironment(environ, lambda: worker.tracker.open)
         _worker.setCurrentWorker(worker)
         interceptListens(reactor, worker)
 

@@ -604,6 +604,7 @@ class FakeWorker(_FakeMessages):
     @ivar env: the environment it was given.
     @ivar uid: the user it was to run as (L{None}: the master's).
     @ivar gid: the group it was to run as (L{None}: the master's).
+    @ivar board: the load board's descriptor it was given (L{None}: none).
     @ivar pid: its pid (kept after it ended).
     @ivar process: its L{FakeProcess}.
     @ivar channel: its L{FakeChannel}; the master's protocol is
@@ -1032,11 +1033,13 @@ class FakeSpawner:
         executable: Optional[str] = None,
         uid: Optional[int] = None,
         gid: Optional[int] = None,
+        board: Optional[int] = None,
     ) -> FakeProcess:
         """
         Spawn a fake worker; the signature is that of
         L{txcluster._process.spawnWorker}.  C{uid} and C{gid} are recorded
-        on the worker (L{FakeWorker.uid}, L{FakeWorker.gid}).
+        on the worker (L{FakeWorker.uid}, L{FakeWorker.gid}), and so is
+        C{board} (L{FakeWorker.board}).
 
         @return: the new worker's L{FakeProcess}.
         """
@@ -1049,6 +1052,7 @@ class FakeSpawner:
             reactor, processProtocol, channel, workerId, workerCount, appPath, env, pid, self
         )
         worker.uid, worker.gid = uid, gid
+        worker.board = board
         self.workers.append(worker)
         processProtocol.makeConnection(worker.process)
         worker.channel.connect()
