@@ -254,7 +254,6 @@ class ProcessTable:
         self._emit(_events.WorkerForked(process.workerId, process.pid))
         return True
 
-
     # What a worker tells the master --------------------------------------------
 
     def online(self, process: WorkerProcess) -> None:
