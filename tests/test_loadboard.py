@@ -260,6 +260,16 @@ class MasterSlotTests(ClusterTestsMixin, unittest.SynchronousTestCase):
         with self.assertRaises(OSError):
             os.fstat(fd)
 
+    def test_noFairAccept(self) -> None:
+        """
+        With C{fairAccept} off (C{--no-fair-accept}) shared workers get no
+        board: they accept as Twisted does.
+        """
+        self.readyCluster(2, listens=[LOCAL], scheduling="shared", fairAccept=False)
+        for worker in self.spawner.workers:
+            self.assertIsNone(worker.board)
+            self.assertNotIn(ENV_LOAD_SLOT, worker.env)
+
     def test_rrHasNone(self) -> None:
         """
         Round-robin workers get no board.

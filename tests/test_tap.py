@@ -68,6 +68,15 @@ class OptionsTests(SynchronousTestCase):
         config = tap.configFromOptions(options)
         self.assertEqual((config.agent, config.agentTimeout), (app("whoami.tac"), 2.5))
 
+    def test_fairAcceptOption(self):
+        """
+        Fair accept is on by default; C{--no-fair-accept} (with C{shared})
+        turns it off.
+        """
+        self.assertTrue(tap.configFromOptions(parse("--app", app("web.tac"))).fairAccept)
+        options = parse("--app", app("web.tac"), "--scheduling", "shared", "--no-fair-accept")
+        self.assertFalse(tap.configFromOptions(options).fairAccept)
+
     def test_proxyOptions(self):
         """
         C{--proxy-protocol}, C{--proxy-allow-from} (repeatable; loopback by
@@ -179,6 +188,7 @@ class OptionsTests(SynchronousTestCase):
             (["--proxy-allow-from", "10.0.0.1"], "--proxy-allow-from"),
             (["--proxy-protocol", "--proxy-timeout", "0"], "--proxy-timeout"),
             (["--scheduling", "stickyish"], "--scheduling"),
+            (["--no-fair-accept"], "--no-fair-accept"),
             (["--agent-timeout", "soon"], "--agent-timeout"),
             (["--max-memory", "-1"], "--max-memory"),
             (["--max-memory", "lots"], "--max-memory"),

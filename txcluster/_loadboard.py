@@ -32,7 +32,7 @@ board (L{AcceptGate}):
 Workers that leave (drain) free their slot, so the share is that of the
 workers that accept.  The price, measured in C{docs/performance.md}: the
 reads of the board and the accepts one at a time cost some throughput on
-short connections.
+short connections; C{--no-fair-accept} turns it off.
 """
 
 from __future__ import annotations

@@ -120,6 +120,8 @@ class ClusterConfig:
         header (v1 or v2) from a balancer in C{proxyAllowFrom} (addresses
         and networks), within C{proxyTimeout} seconds; the application sees
         the client's address as its peer.
+    @ivar fairAccept: under C{shared} scheduling, each worker accepts no
+        more than its share (L{txcluster._loadboard}).
     """
 
     app: str
@@ -149,6 +151,7 @@ class ClusterConfig:
     maxLifetimeJitter: float = field(default=0.0, converter=float, validator=_positive)
     agent: Optional[str] = None
     proxyProtocol: bool = False
+    fairAccept: bool = True
     proxyAllowFrom: tuple = field(default=DEFAULT_ALLOW, converter=tuple, validator=lambda i, a, v: AllowList.fromStrings(v))
     proxyTimeout: float = field(default=DEFAULT_HEADER_TIMEOUT, converter=float, validator=validators.gt(0))
     agentTimeout: float = field(default=AGENT_TIMEOUT, converter=float, validator=validators.gt(0))

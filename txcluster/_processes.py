@@ -177,7 +177,7 @@ class ProcessTable:
         #: Reads the workers' answers to NewConn.
         self.answers = AnswerReader(reactor)
         #: The slots on the load board (fair accept, under shared scheduling).
-        self.board = BoardSlots(enabled=config.scheduling == SHARED)
+        self.board = BoardSlots(enabled=config.scheduling == SHARED and config.fairAccept)
 
     @property
     def lastSerial(self) -> int:

@@ -98,6 +98,7 @@ class Options(usage.Options):
 
     optFlags = [
         ["no-control", None, "Serve no control socket."],
+        ["no-fair-accept", None, "Under --scheduling shared, every worker accepts as Twisted does: faster on very short connections, but a burst lands on whichever worker is awake."],
         ["proxy-protocol", None, "Every stream listen expects a PROXY protocol header (v1 or v2) from the balancer; the app sees the client's address as its peer."],
     ]
 
@@ -210,6 +211,8 @@ class Options(usage.Options):
             from txcluster._policy import MAX_REQUESTS_SHARED
 
             raise usage.UsageError(MAX_REQUESTS_SHARED)
+        if self["no-fair-accept"] and self["scheduling"] != "shared":
+            raise usage.UsageError("--no-fair-accept is for --scheduling shared; the other modes are fair by dispatch")
         if self["proxy-allow-from"] and not self["proxy-protocol"]:
             raise usage.UsageError("--proxy-allow-from is for --proxy-protocol, which is not given")
         from txcluster._proxy import AllowList
@@ -347,6 +350,7 @@ def configFromOptions(options: Options):
         maxLifetimeJitter=options["max-lifetime-jitter"],
         agent=options["agent"],
         proxyProtocol=bool(options["proxy-protocol"]),
+        fairAccept=not options["no-fair-accept"],
         proxyAllowFrom=options["proxy-allow-from"] or DEFAULT_ALLOW,
         proxyTimeout=options["proxy-timeout"],
         agentTimeout=options["agent-timeout"],
