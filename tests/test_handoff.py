@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from txcluster._channel import ANSWER_DELAY, AnswerReader, MasterChannel
 from txcluster._commands import NEWCONN_ANSWER_KEYS, NEWCONN_KEYS, NewConn, Ping, readBox, writeBox
 from txcluster._process import adoptChannel
-from txcluster._twistedcompat import BatchingUNIXServer, adoptUNIXTransport
+from txcluster._twistedcompat import adoptUNIXTransport
 from txcluster._workerchannel import WorkerChannel
 
 from tests._transports import pipeDescriptors
