@@ -674,7 +674,7 @@ class AnswerReader:
         A L{NewConn} went out on C{channel}.
         """
         transport = channel.transport
-        if channel.answerReader is not None or type(transport) is not BatchingUNIXServer or not _open(transport):
+        if channel.answerReader is not None or not isinstance(transport, BatchingUNIXServer) or not _open(transport):
             return
         transport.stopReading()
         channel.answerReader = self

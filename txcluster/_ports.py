@@ -32,6 +32,8 @@ class PortOwner(Protocol):
 
     reactor: object
     tracker: "ConnectionTracker"
+    #: Its L{txcluster._loadboard.WorkerBoard} (shared scheduling), or L{None}.
+    board: object
 
     def _close(self, port) -> defer.Deferred:
         """
@@ -210,7 +212,7 @@ class AdoptedPort:
         self._closed: Optional[defer.Deferred] = None
 
     @classmethod
-    def stream(cls, worker, listenId: int, fd: int, family: int, factory) -> "AdoptedPort":
+    def stream(cls, worker: PortOwner, listenId: int, fd: int, family: int, factory) -> "AdoptedPort":
         """
         A port over the shared listening stream socket C{fd} (C{dup()}ed),
         whose connections the worker's tracker counts, behind the worker's
@@ -221,8 +223,8 @@ class AdoptedPort:
             port = SharedUNIXPort.adopt(worker.reactor, fd, tracked)
         else:
             port = worker.reactor.adoptStreamPort(fd, family, tracked)
-        board = getattr(worker, "board", None)
-        return cls(worker, listenId, port, board.gate(port, worker.reactor) if board is not None else None)
+        gate = worker.board.gate(port, worker.reactor) if worker.board is not None else None
+        return cls(worker, listenId, port, gate)
 
     @property
     def factory(self):
